@@ -1,0 +1,300 @@
+"""Typed run configuration: dataclass schemas merged with OmegaConf.
+
+Precedence is schema defaults <- YAML file <- command-line ``key=value`` overrides.
+Unknown keys and values of the wrong type are errors (:class:`ConfigError`) whose
+message names the dotted key, where it came from (the YAML path or "command line")
+and what was expected. Schemas for later parts (designers, feedback, value) extend
+:class:`Config` by subclassing, and :func:`load_config` takes the schema class.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+
+class ConfigError(ValueError):
+    """A config key is unknown or its value has the wrong type or range."""
+
+
+@dataclass
+class DataConfig:
+    """Unlabelled pretraining images.
+
+    ``kind``: ``synthetic`` (procedural scenes generated in memory from ``seed``),
+    ``imagefolder`` (torchvision ImageFolder layout under ``path``; labels ignored) or
+    ``folder`` (every image below ``path``, or the lines of a file list at ``path``).
+    Every image is resized (shorter side) and centre-cropped to ``image_size`` so that
+    the multicrop augmentation runs batched on tensors.
+    """
+
+    kind: str = "synthetic"
+    path: str | None = None
+    image_size: int = 64
+    num_samples: int = 512
+    seed: int = 0
+    batch_size: int = 32
+    num_workers: int = 0
+
+
+@dataclass
+class CropsConfig:
+    """DINO multicrop; defaults are DINOv2's (224/96 px, 2 global + 8 local crops)."""
+
+    global_crops_size: int = 224
+    local_crops_size: int = 96
+    local_crops_number: int = 8
+    global_crops_scale: list[float] = field(default_factory=lambda: [0.32, 1.0])
+    local_crops_scale: list[float] = field(default_factory=lambda: [0.05, 0.32])
+    horizontal_flip_prob: float = 0.5
+    color_jitter_prob: float = 0.8
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.2
+    hue: float = 0.1
+    grayscale_prob: float = 0.2
+    blur_prob_global1: float = 1.0
+    blur_prob_global2: float = 0.1
+    blur_prob_local: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.1, 2.0])
+    solarize_prob_global2: float = 0.2
+    normalize_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    normalize_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class MaskConfig:
+    """iBOT block masking of the student's global crops (DINOv2 defaults)."""
+
+    mask_sample_probability: float = 0.5
+    mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
+    min_num_patches: int = 4
+    max_aspect_ratio: float = 3.0
+
+
+@dataclass
+class ModelConfig:
+    """Backbone built through timm.
+
+    ``arch`` is a timm model name (``vit_small_patch14_dinov2``,
+    ``vit_large_patch16_dinov3``, ...). ``embed_dim``/``depth``/``num_heads`` override
+    the architecture's values (``null`` keeps them) for small CPU models.
+    ``weights`` is a local checkpoint file; ``weights_format`` is ``auto``, ``dinov2``,
+    ``dinov3``, ``timm`` or ``ours`` (a checkpoint of this trainer).
+    """
+
+    arch: str = "vit_small_patch14_dinov2"
+    img_size: int = 224
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    num_register_tokens: int | None = None
+    drop_path_rate: float = 0.0
+    layerscale_init: float | None = None
+    weights: str | None = None
+    weights_format: str = "auto"
+    weights_key: str = "teacher"
+    attention: str = "sdpa"
+
+
+@dataclass
+class HeadConfig:
+    """DINO/iBOT projection heads (DINOv2 defaults: 65536 prototypes, shared head)."""
+
+    out_dim: int = 65536
+    hidden_dim: int = 2048
+    bottleneck_dim: int = 256
+    nlayers: int = 3
+    ibot_separate_head: bool = False
+    ibot_out_dim: int = 65536
+
+
+@dataclass
+class LossConfig:
+    """Loss weights, temperatures and centering (``softmax`` or ``sinkhorn_knopp``)."""
+
+    dino_loss_weight: float = 1.0
+    ibot_loss_weight: float = 1.0
+    koleo_loss_weight: float = 0.1
+    centering: str = "sinkhorn_knopp"
+    center_momentum: float = 0.9
+    sinkhorn_iterations: int = 3
+    student_temp: float = 0.1
+    teacher_temp: float = 0.07
+    warmup_teacher_temp: float = 0.04
+    warmup_teacher_temp_steps: int = 0
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with layer-wise lr decay and cosine schedules (all measured in steps)."""
+
+    lr: float = 5e-4
+    min_lr: float = 1e-6
+    warmup_steps: int = 0
+    weight_decay: float = 0.04
+    weight_decay_end: float = 0.2
+    momentum_teacher: float = 0.992
+    final_momentum_teacher: float = 1.0
+    layerwise_decay: float = 0.9
+    patch_embed_lr_mult: float = 0.2
+    clip_grad: float = 3.0
+    freeze_last_layer_steps: int = 0
+    beta1: float = 0.9
+    beta2: float = 0.999
+
+
+@dataclass
+class ProbeConfig:
+    """Online linear probe on frozen CLS features of labelled synthetic scenes."""
+
+    enabled: bool = True
+    every: int = 0
+    num_train: int = 256
+    num_val: int = 256
+    seed: int = 1234
+    epochs: int = 100
+    lr: float = 0.1
+    weight_decay: float = 1e-4
+
+
+@dataclass
+class TrainConfig:
+    """Loop length, logging, checkpointing and precision."""
+
+    steps: int = 100
+    seed: int = 0
+    precision: str = "fp32"
+    log_every: int = 10
+    checkpoint_every: int = 50
+    keep_last: int = 3
+    resume: bool = False
+    stop_at_step: int | None = None
+    max_nonfinite_steps: int = 10
+    progress: str = "auto"
+    plots: bool = True
+
+
+@dataclass
+class DistributedConfig:
+    """``strategy``: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp`` or ``none``."""
+
+    strategy: str = "auto"
+    backend: str = "auto"
+
+
+@dataclass
+class Config:
+    """A complete learner run."""
+
+    output_dir: str = "runs/default"
+    data: DataConfig = field(default_factory=DataConfig)
+    crops: CropsConfig = field(default_factory=CropsConfig)
+    masks: MaskConfig = field(default_factory=MaskConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    head: HeadConfig = field(default_factory=HeadConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    dist: DistributedConfig = field(default_factory=DistributedConfig)
+
+
+ConfigT = TypeVar("ConfigT")
+
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "data.kind": ("synthetic", "imagefolder", "folder"),
+    "model.weights_format": ("auto", "dinov2", "dinov3", "timm", "ours"),
+    "model.attention": ("sdpa", "xformers"),
+    "loss.centering": ("softmax", "sinkhorn_knopp"),
+    "train.precision": ("fp32", "bf16"),
+    "train.progress": ("auto", "tqdm", "log", "none"),
+    "dist.strategy": ("auto", "ddp", "fsdp", "none"),
+    "dist.backend": ("auto", "nccl", "gloo"),
+}
+
+
+def _expected_type(schema: type, dotted_key: str) -> str:
+    """The annotation of ``dotted_key`` in the dataclass ``schema``, as text."""
+    current: Any = schema
+    annotation: Any = None
+    for part in dotted_key.split("."):
+        if not dataclasses.is_dataclass(current):
+            return "a value of the schema's type"
+        hints = typing.get_type_hints(current)
+        if part not in hints:
+            return "a value of the schema's type"
+        annotation = hints[part]
+        current = annotation
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return str(annotation).replace("typing.", "")
+
+
+def _raise_for(error: OmegaConfBaseException, source: str, schema: type) -> typing.NoReturn:
+    key = getattr(error, "full_key", None) or "<unknown>"
+    if isinstance(error, ConfigKeyError) or "not in" in str(error):
+        raise ConfigError(f"{source}: unknown config key '{key}'") from None
+    if isinstance(error, ValidationError):
+        value = getattr(error, "value", None)
+        raise ConfigError(
+            f"{source}: config key '{key}' expects {_expected_type(schema, key)}, got {value!r}"
+        ) from None
+    raise ConfigError(f"{source}: invalid config at '{key}': {error.msg}") from None
+
+
+def _merge(base: DictConfig, other: Any, source: str, schema: type) -> DictConfig:
+    try:
+        merged = OmegaConf.merge(base, other)
+    except OmegaConfBaseException as error:
+        _raise_for(error, source, schema)
+    assert isinstance(merged, DictConfig)
+    return merged
+
+
+def _check_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]]) -> None:
+    for key, allowed in choices.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and value not in allowed:
+            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+def load_config(
+    path: str | pathlib.Path | None,
+    overrides: list[str] | None = None,
+    schema: type[ConfigT] = Config,  # type: ignore[assignment]
+    choices: dict[str, tuple[str, ...]] | None = None,
+) -> ConfigT:
+    """Schema defaults <- YAML at ``path`` <- ``key=value`` overrides; returns a typed object."""
+    cfg = OmegaConf.structured(schema)
+    if path is not None:
+        yaml_path = pathlib.Path(path)
+        if not yaml_path.is_file():
+            raise ConfigError(f"config file not found: {yaml_path}")
+        try:
+            from_file = OmegaConf.load(yaml_path)
+        except Exception as error:  # YAML syntax errors come from several libraries
+            raise ConfigError(f"{yaml_path}: not valid YAML: {error}") from None
+        cfg = _merge(cfg, from_file, str(yaml_path), schema)
+    for item in overrides or []:
+        if "=" not in item:
+            raise ConfigError(f"command line: expected key=value, got {item!r}")
+        cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", schema)
+    _check_choices(cfg, {**_CHOICES, **(choices or {})})
+    return typing.cast(ConfigT, OmegaConf.to_object(cfg))
+
+
+def to_yaml(config: Any) -> str:
+    """The resolved config as YAML text (what a run saves as ``config.yaml``)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(config))
+
+
+def save_config(config: Any, path: str | pathlib.Path) -> None:
+    pathlib.Path(path).write_text(to_yaml(config))
