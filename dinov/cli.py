@@ -1,0 +1,31 @@
+"""Shared command-line handling: ``--config FILE key=value ...`` -> typed config, clear errors."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import TypeVar
+
+from dinov.config import Config, ConfigError, load_config
+
+ConfigT = TypeVar("ConfigT")
+
+
+def parse_config(argv: list[str] | None, description: str,
+                 schema: type[ConfigT] = Config) -> ConfigT:  # type: ignore[assignment]
+    """Parse ``--config FILE`` plus ``key=value`` overrides; exit 2 with one message on error."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--config", default=None, help="YAML config file (schema defaults otherwise)")
+    parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
+    args = parser.parse_args(argv)
+    try:
+        return load_config(args.config, args.overrides, schema=schema)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stdout)

@@ -1,0 +1,19 @@
+"""``python -m dinov.train --config FILE key=value ...``: plain DINO/iBOT pretraining."""
+
+from __future__ import annotations
+
+import json
+
+from dinov.cli import parse_config, setup_logging
+from dinov.train.trainer import Trainer
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_config(argv, "DINO/iBOT student-teacher pretraining")
+    setup_logging()
+    results = Trainer(cfg).fit()
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()

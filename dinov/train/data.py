@@ -1,0 +1,95 @@
+"""Pretraining data for the trainer: dataset construction and a resumable sampler.
+
+The sampler's order depends only on (seed, epoch), and the trainer resumes it at the
+exact sample where the checkpoint was written, so a resumed run sees the same batches
+as an uninterrupted one. With several processes each rank takes every
+``world_size``-th index of the same permutation.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dinov.config import DataConfig
+
+
+class SceneImages(Dataset):
+    """Synthetic scenes rendered once into memory (images only; labels are for probes)."""
+
+    def __init__(self, num_samples: int, image_size: int, seed: int) -> None:
+        from dinov.data.synthetic import render_scenes
+
+        self.images = render_scenes(num_samples, image_size, seed).images
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def build_pretraining_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.kind == "synthetic":
+        return SceneImages(cfg.num_samples, cfg.image_size, cfg.seed)
+    from dinov.data.datasets import UnlabelledImages
+
+    if cfg.path is None:
+        raise ValueError(f"data.path is required for data.kind={cfg.kind}")
+    return UnlabelledImages(cfg.path, cfg.image_size, layout=cfg.kind)
+
+
+class ResumableSampler(Sampler[int]):
+    """Epoch-seeded permutation, sharded by rank, that can start mid-epoch."""
+
+    def __init__(self, size: int, seed: int, rank: int = 0, world_size: int = 1) -> None:
+        self.size, self.seed, self.rank, self.world_size = size, seed, rank, world_size
+        self.epoch = 0
+        self.start = 0  # index into this rank's shard where iteration begins
+
+    def per_rank(self) -> int:
+        return self.size // self.world_size
+
+    def set_position(self, epoch: int, start: int) -> None:
+        self.epoch, self.start = epoch, start
+
+    def __iter__(self) -> Iterator[int]:
+        gen = torch.Generator().manual_seed(self.seed + self.epoch)
+        order = torch.randperm(self.size, generator=gen)
+        shard = order[self.rank: self.per_rank() * self.world_size: self.world_size]
+        return iter(shard[self.start:].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank() - self.start
+
+
+class BatchStream:
+    """Endless batches (drop_last) with a position that maps to (epoch, sample offset)."""
+
+    def __init__(self, dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
+        self.dataset = dataset
+        self.batch_size = cfg.batch_size
+        self.num_workers = cfg.num_workers
+        self.sampler = ResumableSampler(len(dataset), cfg.seed, rank, world_size)  # type: ignore[arg-type]
+        self.batches_per_epoch = self.sampler.per_rank() // self.batch_size
+        if self.batches_per_epoch == 0:
+            raise ValueError(
+                f"data: {len(dataset)} images over {world_size} process(es) give no full batch "  # type: ignore[arg-type]
+                f"of data.batch_size={cfg.batch_size}")
+
+    def iterate(self, start_batch: int) -> Iterator[torch.Tensor]:
+        """Batches starting at global batch index ``start_batch`` (== the step to run)."""
+        batch = start_batch
+        while True:
+            epoch, within = divmod(batch, self.batches_per_epoch)
+            self.sampler.set_position(epoch, within * self.batch_size)
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
+                                num_workers=self.num_workers, drop_last=True,
+                                persistent_workers=False, pin_memory=torch.cuda.is_available())
+            for images in loader:
+                yield images
+                batch += 1
+                if batch % self.batches_per_epoch == 0:
+                    break

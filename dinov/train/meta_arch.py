@@ -1,0 +1,137 @@
+"""The one place that owns student, EMA teacher, heads and the DINO/iBOT/KoLeo losses.
+
+The step is split into parts a designer can call on its own: :meth:`teacher_targets`
+(no grad, reads no mutable state besides the teacher's parameters), :meth:`student_losses`
+(a pure function of the task and the targets, so it is the closure a value estimator
+differentiates) and the two state updates, :meth:`update_centers` and
+:meth:`update_teacher`, which only the learner step calls.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from dinov.config import Config
+from dinov.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
+from dinov.models import Backbone, build_backbone, load_backbone_weights
+from dinov.models.heads import build_head
+from dinov.train.task import Task
+
+
+@dataclass
+class TeacherTargets:
+    dino_logits: Tensor  # (n_global*B, K) before centering (for the softmax center update)
+    dino_probs: Tensor  # (n_global, B, K)
+    ibot_logits: Tensor  # (M, K_ibot)
+    ibot_probs: Tensor  # (M, K_ibot)
+
+
+def autocast_context(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class SSLMetaArch(nn.Module):
+    def __init__(self, cfg: Config) -> None:
+        super().__init__()
+        self.cfg = cfg
+        backbone = build_backbone(cfg.model)
+        if cfg.model.weights:
+            load_backbone_weights(backbone, cfg.model.weights, cfg.model.weights_format,
+                                  cfg.model.weights_key)
+        student = nn.ModuleDict({
+            "backbone": backbone,
+            "dino_head": build_head(cfg.head, backbone.embed_dim),
+        })
+        if cfg.head.ibot_separate_head:
+            student["ibot_head"] = build_head(cfg.head, backbone.embed_dim, cfg.head.ibot_out_dim)
+        self.student = student
+        self.teacher = copy.deepcopy(student)
+        self.teacher.requires_grad_(False)
+        ibot_dim = cfg.head.ibot_out_dim if cfg.head.ibot_separate_head else cfg.head.out_dim
+        self.dino_loss = DINOLoss(cfg.head.out_dim, cfg.loss.student_temp, cfg.loss.center_momentum)
+        self.ibot_loss = IBOTPatchLoss(ibot_dim, cfg.loss.student_temp, cfg.loss.center_momentum)
+        self.koleo_loss = KoLeoLoss()
+
+    @property
+    def backbone(self) -> Backbone:
+        module = self.student["backbone"]
+        return getattr(module, "module", module)  # unwrap DDP
+
+    @property
+    def num_blocks(self) -> int:
+        return self.backbone.num_blocks
+
+    def _ibot_head(self, modules: nn.ModuleDict) -> nn.Module:
+        return modules["ibot_head"] if "ibot_head" in modules else modules["dino_head"]
+
+    @torch.no_grad()
+    def teacher_targets(self, task: Task, teacher_temp: float) -> TeacherTargets:
+        loss_cfg = self.cfg.loss
+        with autocast_context(self.cfg.train.precision, task.teacher_global.device):
+            out = self.teacher["backbone"](task.teacher_global)
+            patches = out.patch.flatten(0, 1)[task.masks.indices]
+            dino_logits = self.teacher["dino_head"](out.cls).float()
+            ibot_logits = self._ibot_head(self.teacher)(patches).float()
+        dino_probs = self.dino_loss.teacher_probs(
+            dino_logits, teacher_temp, loss_cfg.centering, loss_cfg.sinkhorn_iterations)
+        if ibot_logits.shape[0] > 0:
+            ibot_probs = self.ibot_loss.teacher_probs(
+                ibot_logits, teacher_temp, loss_cfg.centering,
+                n_iterations=loss_cfg.sinkhorn_iterations)
+        else:
+            ibot_probs = ibot_logits
+        return TeacherTargets(dino_logits, dino_probs.unflatten(0, (task.n_global, -1)),
+                              ibot_logits, ibot_probs)
+
+    def student_losses(self, task: Task, targets: TeacherTargets) -> dict[str, Tensor]:
+        """DINO, iBOT and KoLeo losses and their weighted ``total``; reads no mutable state."""
+        loss_cfg = self.cfg.loss
+        student = self.student
+        with autocast_context(self.cfg.train.precision, task.student_global.device):
+            global_out = student["backbone"](task.student_global, task.masks.masks)
+            cls_tokens = [global_out.cls]
+            if task.n_local > 0:
+                cls_tokens.append(student["backbone"](task.local).cls)
+            dino_logits = student["dino_head"](torch.cat(cls_tokens)).float()
+            masked = global_out.patch.flatten(0, 1)[task.masks.indices]
+            ibot_logits = self._ibot_head(student)(masked).float()
+        n_crops = task.n_global + task.n_local
+        dino = self.dino_loss(dino_logits.unflatten(0, (n_crops, -1)), targets.dino_probs,
+                              n_global=task.n_global)
+        if ibot_logits.shape[0] > 0:
+            ibot = self.ibot_loss(ibot_logits, targets.ibot_probs, task.masks.weights)
+        else:
+            ibot = dino_logits.new_zeros(())
+        koleo = sum(self.koleo_loss(c.float()) for c in global_out.cls.chunk(task.n_global))
+        total = (loss_cfg.dino_loss_weight * dino + loss_cfg.ibot_loss_weight * ibot
+                 + loss_cfg.koleo_loss_weight * koleo)
+        return {"total": total, "dino": dino, "ibot": ibot, "koleo": koleo}
+
+    def forward(self, task: Task, teacher_temp: float) -> tuple[dict[str, Tensor], TeacherTargets]:
+        targets = self.teacher_targets(task, teacher_temp)
+        return self.student_losses(task, targets), targets
+
+    @torch.no_grad()
+    def update_centers(self, targets: TeacherTargets) -> None:
+        if self.cfg.loss.centering == "softmax":
+            self.dino_loss.update_center(targets.dino_logits)
+            if targets.ibot_logits.shape[0] > 0:
+                self.ibot_loss.update_center(targets.ibot_logits)
+
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA: teacher <- momentum * teacher + (1 - momentum) * student, on local shards."""
+        teacher_params, student_params = [], []
+        for name, student_module in self.student.items():
+            student_module = getattr(student_module, "module", student_module)
+            teacher_module = self.teacher[name]
+            teacher_params += list(teacher_module.parameters())
+            student_params += list(student_module.parameters())
+        torch._foreach_lerp_(teacher_params, [p.detach() for p in student_params], 1.0 - momentum)

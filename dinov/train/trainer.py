@@ -1,0 +1,251 @@
+"""The learner's training loop: data -> task -> losses -> AdamW step -> EMA, with logging,
+checkpoints, exact resume, online probes and plots.
+
+A run writes to ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one JSON object per
+logged step), ``results.json``, ``checkpoints/`` and PNG plots. Designers plug in through
+``task_builder`` and ``hooks`` (see :mod:`dinov.train.task`).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import pathlib
+import random
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from dinov.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinov.config import Config, save_config
+from dinov.distributed import DistEnv, init_distributed, wrap_student
+from dinov.plots import plot_run
+from dinov.train.data import BatchStream, build_pretraining_dataset
+from dinov.train.meta_arch import SSLMetaArch
+from dinov.train.optim import apply_schedule, build_optimizer
+from dinov.train.probe import OnlineProbe
+from dinov.train.schedules import build_schedules
+from dinov.train.task import MultiCropTaskBuilder, StepHook, Task, TaskBuilder
+
+log = logging.getLogger("dinov.train")
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many steps had a NaN or infinite loss."""
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, task_builder: TaskBuilder | None = None,
+                 hooks: Sequence[StepHook] = ()) -> None:
+        self.cfg = cfg
+        self.env, self.device = init_distributed(cfg.dist)
+        seed_everything(cfg.train.seed + self.env.rank)
+        self.output_dir = pathlib.Path(cfg.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        self.model = SSLMetaArch(cfg).to(self.device)
+        self.optimizer = build_optimizer(self.model.student, self.model.num_blocks, cfg.optim)
+        wrap_student(self.model.student, cfg.dist, self.device)
+        self.schedules = build_schedules(cfg)
+        grid = self.model.backbone.patch_grid(cfg.crops.global_crops_size, cfg.crops.global_crops_size)
+        self.task_builder = task_builder or MultiCropTaskBuilder(cfg, grid)
+        self.hooks = list(hooks)
+        dataset = build_pretraining_dataset(cfg.data)
+        self.stream = BatchStream(dataset, cfg.data, self.env.rank, self.env.world_size)
+        self.probe = OnlineProbe(cfg) if cfg.probe.enabled and self.env.is_main else None
+        self.step = 0
+        self.nonfinite_steps = 0
+        self.history: dict[str, Any] = {}
+
+    # ----- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        builder_state = self.task_builder.state_dict() if hasattr(self.task_builder, "state_dict") else {}
+        return {
+            "step": self.step,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "task_builder": builder_state,
+            "hooks": [hook.state_dict() for hook in self.hooks],
+            "rng": rng_state(),
+            "nonfinite_steps": self.nonfinite_steps,
+            "history": self.history,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if hasattr(self.task_builder, "load_state_dict") and state.get("task_builder"):
+            self.task_builder.load_state_dict(state["task_builder"])
+        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
+            hook.load_state_dict(hook_state)
+        set_rng_state(state["rng"])
+        self.step = state["step"]
+        self.nonfinite_steps = state["nonfinite_steps"]
+        self.history = state.get("history", {})
+
+    def _maybe_resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        path = latest_checkpoint(self.checkpoint_dir)
+        if path is None:
+            log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
+            return
+        self.load_state_dict(load_checkpoint(path))
+        self._truncate_metrics_after(self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    def _truncate_metrics_after(self, step: int) -> None:
+        """Drop log lines an interrupted run wrote after its last checkpoint."""
+        path = self.output_dir / "metrics.jsonl"
+        if self.env.is_main and path.exists():
+            kept = [line for line in path.read_text().splitlines()
+                    if line.strip() and json.loads(line)["step"] <= step]
+            path.write_text("".join(line + "\n" for line in kept))
+
+    def save(self) -> pathlib.Path | None:
+        if not self.env.is_main:
+            return None
+        return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), self.cfg.train.keep_last)
+
+    # ----- one step --------------------------------------------------------------------
+    def build_task(self, images: torch.Tensor) -> Task:
+        return self.task_builder(images.to(self.device, non_blocking=True), self.step)
+
+    def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """One learner step; returns the detached losses, or None when the step was skipped."""
+        sched = self.schedules.at(self.step)
+        apply_schedule(self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr"])
+        task = self.build_task(images)
+        for hook in self.hooks:
+            task = hook.before_step(self, self.step, images, task)
+        task = task.detached()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, targets = self.model(task, sched["teacher_temp"])
+        if not bool(torch.isfinite(losses["total"])):  # the one sync per step: needed to skip
+            self._record_nonfinite()
+            return None
+        losses["total"].backward()
+        self._clip_gradients()
+        self.optimizer.step()
+        self.model.update_teacher(sched["momentum"])
+        self.model.update_centers(targets)
+        detached = {k: v.detach() for k, v in losses.items()}
+        for hook in self.hooks:
+            self.history.setdefault("hooks", {}).update(hook.after_step(self, self.step, task, detached))
+        return detached
+
+    def _clip_gradients(self) -> None:
+        if self.cfg.optim.clip_grad <= 0:
+            return
+        for module in self.model.student.values():
+            torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.clip_grad, foreach=True)
+
+    def _record_nonfinite(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        self.nonfinite_steps += 1
+        log.warning("step %d: non-finite loss, step skipped (%d so far)", self.step, self.nonfinite_steps)
+        if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            raise NonFiniteLossError(
+                f"{self.nonfinite_steps} steps had a non-finite loss "
+                f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); stopping")
+
+    # ----- the loop --------------------------------------------------------------------
+    def _log(self, row: dict[str, Any]) -> None:
+        if not self.env.is_main:
+            return
+        with open(self.output_dir / "metrics.jsonl", "a") as handle:
+            handle.write(json.dumps(row) + "\n")
+
+    def _probe(self) -> dict[str, float]:
+        if self.probe is None:
+            return {}
+        return self.probe.evaluate(self.model.teacher["backbone"])
+
+    def _progress(self, start: int, stop: int):
+        mode = self.cfg.train.progress
+        use_tqdm = mode == "tqdm" or (mode == "auto" and sys.stderr.isatty())
+        if use_tqdm and self.env.is_main:
+            return tqdm(range(start, stop), initial=start, total=stop, desc="train", dynamic_ncols=True)
+        return range(start, stop)
+
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.output_dir / "config.yaml")
+        self._maybe_resume()
+        if self.step == 0 and "probe_init" not in self.history:
+            self.history["probe_init"] = self._probe()
+        stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
+        batches = self.stream.iterate(self.step)
+        pending: list[dict[str, torch.Tensor]] = []
+        started = time.perf_counter()
+        bar = self._progress(self.step, stop)
+        for _ in bar:
+            losses = self.train_step(next(batches))
+            if losses is not None:
+                pending.append(losses)
+            self.step += 1
+            self._after_step(pending, bar)
+        self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + time.perf_counter() - started
+        if self.step >= cfg.train.steps:
+            return self._finish()
+        return {"stopped_at_step": self.step}
+
+    def _after_step(self, pending: list[dict[str, torch.Tensor]], bar: Any) -> None:
+        cfg, step = self.cfg, self.step
+        row: dict[str, Any] = {}
+        if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+            row = self._loss_row(pending)
+            pending.clear()
+            if isinstance(bar, tqdm):
+                bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
+            elif self.env.is_main and cfg.train.progress != "none":
+                log.info("step %d/%d loss %.4f", step, cfg.train.steps, row.get("loss", float("nan")))
+        if cfg.probe.every > 0 and step % cfg.probe.every == 0 and step < cfg.train.steps:
+            row.update(self._probe())
+        if row:
+            self._log({"step": step, **row})
+        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at_step:
+            self.save()
+
+    def _loss_row(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
+        sched = self.schedules.at(self.step - 1)
+        row: dict[str, Any] = {"lr": sched["lr"], "momentum": sched["momentum"],
+                               "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite_steps}
+        if pending:
+            stacked = {k: torch.stack([p[k] for p in pending]).mean().item() for k in pending[0]}
+            row.update({"loss": stacked.pop("total"), **stacked})
+        return row
+
+    def _finish(self) -> dict[str, Any]:
+        final_probe = self._probe()
+        rows = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()
+                if line.strip()] if (self.output_dir / "metrics.jsonl").exists() else []
+        losses = [r["loss"] for r in rows if "loss" in r]
+        results: dict[str, Any] = {
+            "steps": self.step,
+            "final_loss": losses[-1] if losses else None,
+            "first_logged_loss": losses[0] if losses else None,
+            "nonfinite_steps": self.nonfinite_steps,
+            "train_seconds": round(self.history.get("train_seconds", 0.0), 2),
+            "probe_top1_init": self.history.get("probe_init", {}).get("probe_top1"),
+            "probe_top1_final": final_probe.get("probe_top1"),
+            **{k: v for k, v in self.history.get("hooks", {}).items() if not math.isnan(v)},
+        }
+        if self.env.is_main:
+            (self.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            if self.cfg.train.plots:
+                plot_run(self.output_dir)
+        return results

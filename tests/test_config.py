@@ -1,0 +1,67 @@
+"""Config merging and its error messages (schema <- YAML <- CLI)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from dinov.config import Config, ConfigError, load_config, to_yaml
+
+
+def test_precedence_schema_yaml_cli(tmp_path):
+    yaml = tmp_path / "c.yaml"
+    yaml.write_text("optim:\n  lr: 0.5\n  min_lr: 0.25\ntrain:\n  steps: 7\n")
+    cfg = load_config(yaml, ["optim.lr=0.125", "crops.global_crops_scale=[0.4,1.0]"])
+    assert isinstance(cfg, Config)
+    assert cfg.optim.lr == 0.125  # CLI beats YAML
+    assert cfg.optim.min_lr == 0.25  # YAML beats schema
+    assert cfg.train.steps == 7
+    assert cfg.crops.global_crops_scale == [0.4, 1.0]
+    assert cfg.optim.weight_decay == 0.04  # schema default
+
+
+def test_unknown_key_names_key_and_file(tmp_path):
+    yaml = tmp_path / "bad.yaml"
+    yaml.write_text("optim:\n  lrr: 1.0\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml.*'optim\.lrr'"):
+        load_config(yaml)
+    with pytest.raises(ConfigError, match=r"command line.*'optim\.lr_typo'"):
+        load_config(None, ["optim.lr_typo=1"])
+
+
+def test_wrong_type_names_key_and_expected_type():
+    with pytest.raises(ConfigError, match=r"'train\.steps' expects int"):
+        load_config(None, ["train.steps=ten"])
+    with pytest.raises(ConfigError, match=r"'optim\.lr' expects float"):
+        load_config(None, ["optim.lr=fast"])
+
+
+def test_choice_validation_and_missing_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"'loss\.centering' must be one of"):
+        load_config(None, ["loss.centering=sinkhorn"])
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    cfg = load_config(None, ["optim.lr=0.002", "model.depth=3"])
+    path = tmp_path / "config.yaml"
+    path.write_text(to_yaml(cfg))
+    again = load_config(path)
+    assert again == cfg
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [("optim.lr_typo=1", "optim.lr_typo"), ("train.steps=abc", "train.steps' expects int")],
+)
+def test_cli_exits_nonzero_naming_key(override, expected):
+    proc = subprocess.run(
+        [sys.executable, "-m", "dinov.train", "--config", "configs/smoke.yaml", override],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode != 0
+    assert expected in proc.stderr
+    assert proc.stderr.count("\n") <= 2, proc.stderr  # one message, no traceback
