@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from official_layouts import dinov2_official, dinov3_official
 
 import dinov.models.backbone as backbone_mod
 from dinov.config import ModelConfig
@@ -285,19 +286,6 @@ def test_xformers_forwards_match_sdpa(arch, monkeypatch):
 
 
 # ------------------------------------------------------- official DINOv2 layout
-def dinov2_official(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """Inverse of timm's _convert_dinov2: timm state -> facebookresearch/dinov2 keys."""
-    state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
-    state["mask_token"] = backbone.mask_token.detach().clone()  # official shape (1, D)
-    if "reg_token" in state:
-        # timm folds the cls position into cls_token (no_embed_class); official keeps it in pos_embed.
-        cls_pos = torch.randn(1, 1, 32, generator=torch.Generator().manual_seed(7))
-        state["register_tokens"] = state.pop("reg_token")
-        state["cls_token"] = state["cls_token"] - cls_pos
-        state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], 1)
-    return state
-
-
 @pytest.mark.parametrize("arch", [DINOV2, DINOV2_REG])
 def test_load_official_dinov2(arch, tmp_path: Path):
     source = tiny(arch, seed=0)
@@ -351,33 +339,6 @@ def test_load_dinov2_training_checkpoint_with_chunked_blocks(tmp_path: Path):
 
 
 # ------------------------------------------------------- official DINOv3 layout
-def dinov3_official(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """Inverse of timm's eva checkpoint_filter_fn for dinov3: timm state -> official keys."""
-    gen = torch.Generator().manual_seed(11)
-    out: dict[str, torch.Tensor] = {"mask_token": backbone.mask_token.detach().clone()}
-    # Official files keep the rope periods as a (bf16-rounded) persistent buffer.
-    out["rope_embed.periods"] = backbone.model.rope.periods.to(torch.bfloat16).float()
-    for k, v in backbone.model.state_dict().items():
-        k = k.replace("reg_token", "storage_tokens")
-        k = k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
-        if k.endswith("attn.q_bias") or k.endswith("attn.v_bias"):
-            continue  # folded into attn.qkv.bias below
-        out[k] = v.clone()
-    for i, block in enumerate(backbone.model.blocks):
-        attn, dim = block.attn, 32
-        if attn.q_bias is not None:
-            # The k part is arbitrary in the file: bias_mask zeroes it upstream, timm drops it.
-            k_bias = torch.randn(dim, generator=gen)
-            bias = torch.cat([attn.q_bias.detach(), k_bias, attn.v_bias.detach()])
-        else:
-            bias = torch.zeros(3 * dim)  # distilled S/B/L: qkv bias present but all zero
-        out[f"blocks.{i}.attn.qkv.bias"] = bias
-        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat(
-            [torch.ones(dim), torch.zeros(dim), torch.ones(dim)]
-        )
-    return out
-
-
 @pytest.mark.parametrize("arch", [DINOV3, DINOV3_QKVB])
 def test_load_official_dinov3(arch, tmp_path: Path):
     source = tiny(arch, seed=0)

@@ -23,8 +23,8 @@ import torch
 from tqdm import tqdm
 
 from dinov.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from dinov.config import Config, save_config
-from dinov.distributed import DistEnv, init_distributed, wrap_student
+from dinov.config import Config, save_config, to_yaml
+from dinov.distributed import init_distributed, wrap_student
 from dinov.plots import plot_run
 from dinov.train.data import BatchStream, build_pretraining_dataset
 from dinov.train.meta_arch import SSLMetaArch
@@ -73,6 +73,7 @@ class Trainer:
         builder_state = self.task_builder.state_dict() if hasattr(self.task_builder, "state_dict") else {}
         return {
             "step": self.step,
+            "config": to_yaml(self.cfg),  # lets eval rebuild the backbone from the file alone
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "task_builder": builder_state,

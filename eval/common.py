@@ -1,0 +1,130 @@
+"""What every evaluation CLI shares: the backbone source, feature extraction and caching,
+and writing a run's resolved config and results.
+
+A backbone comes from one of: a checkpoint of our trainer (``model.weights=ckpt.pt``,
+``model.weights_format=ours`` or ``auto``; the architecture is read from the checkpoint's
+saved config, ``model.weights_key`` picks ``teacher`` or ``student``), an official
+DINOv2/DINOv3 file (``weights_format=dinov2|dinov3`` with ``model.arch``), or a timm
+model name plus a local timm state dict (``weights_format=timm``). ``model.weights=null``
+evaluates the architecture at initialisation (a baseline for comparisons).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import pathlib
+import sys
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+from torch import Tensor
+from tqdm import tqdm
+
+from dinov.config import ModelConfig, save_config
+from dinov.models import Backbone, build_backbone, load_backbone_weights
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _checkpoint_model_config(path: pathlib.Path) -> ModelConfig | None:
+    """The ModelConfig saved in one of our training checkpoints, or None for other files."""
+    raw = torch.load(path, map_location="cpu", weights_only=True)
+    if not (isinstance(raw, dict) and isinstance(raw.get("config"), str) and "model" in raw):
+        return None
+    saved = OmegaConf.create(raw["config"]).get("model")
+    merged = OmegaConf.merge(OmegaConf.structured(ModelConfig), saved)
+    return OmegaConf.to_object(merged)  # type: ignore[return-value]
+
+
+def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
+    """For our own checkpoints the architecture comes from the checkpoint's config."""
+    if not cfg.weights or cfg.weights_format not in ("auto", "ours"):
+        return cfg
+    path = pathlib.Path(cfg.weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"model.weights: checkpoint file not found: {path}")
+    saved = _checkpoint_model_config(path)
+    if saved is None:
+        return cfg
+    return dataclasses.replace(saved, weights=cfg.weights, weights_format="ours",
+                               weights_key=cfg.weights_key, attention=cfg.attention)
+
+
+def build_eval_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
+    """A frozen backbone in eval mode, built and loaded as the module docstring describes."""
+    cfg = resolve_model_config(cfg)
+    backbone = build_backbone(cfg)
+    if cfg.weights:
+        report = load_backbone_weights(backbone, cfg.weights, cfg.weights_format, cfg.weights_key)
+        print(report.summary(), file=sys.stderr)
+    backbone.requires_grad_(False)
+    return backbone.eval().to(device)
+
+
+def normalize(images: Tensor, mean: Iterable[float] = IMAGENET_MEAN,
+              std: Iterable[float] = IMAGENET_STD) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the backbones were trained."""
+    mean_t = images.new_tensor(tuple(mean)).view(1, 3, 1, 1)
+    std_t = images.new_tensor(tuple(std)).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
+def cache_key(*parts: Any) -> str:
+    """A stable hash of the things a feature cache depends on (weights file mtime included)."""
+    text = json.dumps([_describe(p) for p in parts], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _describe(part: Any) -> Any:
+    if dataclasses.is_dataclass(part) and not isinstance(part, type):
+        return dataclasses.asdict(part)
+    if isinstance(part, (str, pathlib.Path)) and pathlib.Path(part).is_file():
+        stat = pathlib.Path(part).stat()
+        return [str(part), stat.st_size, stat.st_mtime_ns]
+    return part
+
+
+@torch.no_grad()
+def extract(batches: Iterable[Any], fn: Callable[[Any], dict[str, Tensor]], desc: str,
+            total: int | None = None, cache_file: str | pathlib.Path | None = None) -> dict[str, Tensor]:
+    """Run ``fn`` over ``batches`` and concatenate each output key on the CPU.
+
+    With ``cache_file`` the result is loaded from it when present, else saved to it.
+    Progress shows as a tqdm bar on a terminal and stays quiet otherwise.
+    """
+    if cache_file is not None and pathlib.Path(cache_file).is_file():
+        return torch.load(cache_file, map_location="cpu", weights_only=True)
+    outputs: dict[str, list[Tensor]] = {}
+    for batch in tqdm(batches, desc=desc, total=total, disable=not sys.stderr.isatty()):
+        for key, value in fn(batch).items():
+            outputs.setdefault(key, []).append(value.detach().cpu())
+    result = {key: torch.cat(values) for key, values in outputs.items()}
+    if cache_file is not None:
+        pathlib.Path(cache_file).parent.mkdir(parents=True, exist_ok=True)
+        torch.save(result, cache_file)
+    return result
+
+
+def write_run(output_dir: str | pathlib.Path, cfg: Any, results: dict[str, Any]) -> pathlib.Path:
+    """Write ``config.yaml`` and ``results.json`` into ``output_dir``; returns the results path."""
+    out = pathlib.Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out / "config.yaml")
+    path = out / "results.json"
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    return path
+
+
+def seed_all(seed: int) -> None:
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)

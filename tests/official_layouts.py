@@ -1,0 +1,52 @@
+"""Write state dicts in the official facebookresearch/dinov2 and dinov3 key layouts.
+
+Tests use these to check that official checkpoint files load through the backbone loader
+and every eval CLI: each function inverts timm's converter for its family, so a backbone
+loaded from the written file must reproduce the source backbone's outputs exactly.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from dinov.models import Backbone
+
+
+def dinov2_official(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Inverse of timm's _convert_dinov2: timm state -> facebookresearch/dinov2 keys."""
+    state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    state["mask_token"] = backbone.mask_token.detach().clone()  # official shape (1, D)
+    if "reg_token" in state:
+        # timm folds the cls position into cls_token (no_embed_class); official keeps it in pos_embed.
+        cls_pos = torch.randn(1, 1, backbone.embed_dim, generator=torch.Generator().manual_seed(7))
+        state["register_tokens"] = state.pop("reg_token")
+        state["cls_token"] = state["cls_token"] - cls_pos
+        state["pos_embed"] = torch.cat([cls_pos, state["pos_embed"]], 1)
+    return state
+
+
+def dinov3_official(backbone: Backbone) -> dict[str, torch.Tensor]:
+    """Inverse of timm's eva checkpoint_filter_fn for dinov3: timm state -> official keys."""
+    gen = torch.Generator().manual_seed(11)
+    out: dict[str, torch.Tensor] = {"mask_token": backbone.mask_token.detach().clone()}
+    # Official files keep the rope periods as a (bf16-rounded) persistent buffer.
+    out["rope_embed.periods"] = backbone.model.rope.periods.to(torch.bfloat16).float()
+    for k, v in backbone.model.state_dict().items():
+        k = k.replace("reg_token", "storage_tokens")
+        k = k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
+        if k.endswith("attn.q_bias") or k.endswith("attn.v_bias"):
+            continue  # folded into attn.qkv.bias below
+        out[k] = v.clone()
+    for i, block in enumerate(backbone.model.blocks):
+        attn, dim = block.attn, backbone.embed_dim
+        if attn.q_bias is not None:
+            # The k part is arbitrary in the file: bias_mask zeroes it upstream, timm drops it.
+            k_bias = torch.randn(dim, generator=gen)
+            bias = torch.cat([attn.q_bias.detach(), k_bias, attn.v_bias.detach()])
+        else:
+            bias = torch.zeros(3 * dim)  # distilled S/B/L: qkv bias present but all zero
+        out[f"blocks.{i}.attn.qkv.bias"] = bias
+        out[f"blocks.{i}.attn.qkv.bias_mask"] = torch.cat(
+            [torch.ones(dim), torch.zeros(dim), torch.ones(dim)]
+        )
+    return out
