@@ -29,5 +29,25 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/step.py
 
+# Optional mmsegmentation adapter (eval/mmseg_backbone.py). Its own venv, because
+# mmcv < 2.2 has no wheel for this torch and is compiled from source (about 6 minutes
+# on 2 cores, DESIGN section 7); `make test` never needs it. The stamp makes a second
+# `make test-mmseg` skip the install.
+MMSEG_VENV := .venv-mmseg
+MMSEG_PY := $(MMSEG_VENV)/bin/python
+MMSEG_PIP := $(MMSEG_PY) -m pip
+MMSEG_STAMP := $(MMSEG_VENV)/.installed
+
+$(MMSEG_STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(MMSEG_VENV)
+	$(MMSEG_PIP) install -q -c constraints.txt "torch==2.13.0" numpy
+	$(MMSEG_PIP) install -q -c constraints.txt "setuptools<81" wheel ninja
+	MAX_JOBS=2 $(MMSEG_PIP) install -q --no-build-isolation -c constraints.txt "mmcv>=2.0.0rc4,<2.2.0"
+	$(MMSEG_PIP) install -q -c constraints.txt -e ".[dev,mmseg]" ftfy
+	touch $(MMSEG_STAMP)
+
+test-mmseg: $(MMSEG_STAMP)
+	$(MMSEG_PY) -m pytest -m mmseg tests/test_mmseg.py
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

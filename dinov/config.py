@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import (
+    ConfigKeyError,
+    MissingMandatoryValue,
+    OmegaConfBaseException,
+    ValidationError,
+)
 
 
 class ConfigError(ValueError):
@@ -288,7 +293,11 @@ def load_config(
             raise ConfigError(f"command line: expected key=value, got {item!r}")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", schema)
     _check_choices(cfg, {**_CHOICES, **(choices or {})})
-    return typing.cast(ConfigT, OmegaConf.to_object(cfg))
+    try:
+        return typing.cast(ConfigT, OmegaConf.to_object(cfg))
+    except MissingMandatoryValue as error:
+        raise ConfigError(f"config key '{error.full_key}' is required but has no value "
+                          f"(set it in the YAML file or as {error.full_key}=...)") from None
 
 
 def to_yaml(config: Any) -> str:

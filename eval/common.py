@@ -81,8 +81,13 @@ def cache_key(*parts: Any) -> str:
 
 
 def _describe(part: Any) -> Any:
+    """JSON-able description; files (also inside dataclasses) add their size and mtime."""
     if dataclasses.is_dataclass(part) and not isinstance(part, type):
-        return dataclasses.asdict(part)
+        return {k: _describe(v) for k, v in dataclasses.asdict(part).items()}
+    if isinstance(part, dict):
+        return {k: _describe(v) for k, v in part.items()}
+    if isinstance(part, (list, tuple)):
+        return [_describe(v) for v in part]
     if isinstance(part, (str, pathlib.Path)) and pathlib.Path(part).is_file():
         stat = pathlib.Path(part).stat()
         return [str(part), stat.st_size, stat.st_mtime_ns]

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import pytest
+from omegaconf import MISSING
 
 from dinov.config import Config, ConfigError, load_config, to_yaml
 
@@ -65,3 +67,20 @@ def test_cli_exits_nonzero_naming_key(override, expected):
     assert proc.returncode != 0
     assert expected in proc.stderr
     assert proc.stderr.count("\n") <= 2, proc.stderr  # one message, no traceback
+
+
+@dataclass
+class _RequiredData:
+    root: str = MISSING
+
+
+@dataclass
+class _RequiredSchema:
+    data: _RequiredData = field(default_factory=_RequiredData)
+
+
+def test_missing_mandatory_value_is_a_config_error():
+    Schema = _RequiredSchema
+    with pytest.raises(ConfigError, match=r"'data\.root' is required"):
+        load_config(None, [], schema=Schema)
+    assert load_config(None, ["data.root=/x"], schema=Schema).data.root == "/x"

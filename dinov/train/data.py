@@ -85,9 +85,12 @@ class BatchStream:
         while True:
             epoch, within = divmod(batch, self.batches_per_epoch)
             self.sampler.set_position(epoch, within * self.batch_size)
+            # a private generator: creating a loader must not draw from the global RNG,
+            # or a resumed run (new loader mid-epoch) would drift from an uninterrupted one
             loader = DataLoader(self.dataset, batch_size=self.batch_size, sampler=self.sampler,
                                 num_workers=self.num_workers, drop_last=True,
-                                persistent_workers=False, pin_memory=torch.cuda.is_available())
+                                persistent_workers=False, pin_memory=torch.cuda.is_available(),
+                                generator=torch.Generator().manual_seed(self.sampler.seed + epoch))
             for images in loader:
                 yield images
                 batch += 1

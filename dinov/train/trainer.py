@@ -124,13 +124,20 @@ class Trainer:
         return self.task_builder(images.to(self.device, non_blocking=True), self.step)
 
     def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
-        """One learner step; returns the detached losses, or None when the step was skipped."""
+        """Build the task (through the hooks), then one learner step on its detached views."""
         sched = self.schedules.at(self.step)
-        apply_schedule(self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr"])
         task = self.build_task(images)
         for hook in self.hooks:
             task = hook.before_step(self, self.step, images, task)
-        task = task.detached()
+        losses = self.learner_step(task.detached(), sched)
+        if losses is not None:
+            for hook in self.hooks:
+                self.history.setdefault("hooks", {}).update(hook.after_step(self, self.step, task, losses))
+        return losses
+
+    def learner_step(self, task: Task, sched: dict[str, float]) -> dict[str, torch.Tensor] | None:
+        """SSL loss -> AdamW step -> EMA teacher -> centers; None when the loss was not finite."""
+        apply_schedule(self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr"])
         self.optimizer.zero_grad(set_to_none=True)
         losses, targets = self.model(task, sched["teacher_temp"])
         if not bool(torch.isfinite(losses["total"])):  # the one sync per step: needed to skip
@@ -141,10 +148,7 @@ class Trainer:
         self.optimizer.step()
         self.model.update_teacher(sched["momentum"])
         self.model.update_centers(targets)
-        detached = {k: v.detach() for k, v in losses.items()}
-        for hook in self.hooks:
-            self.history.setdefault("hooks", {}).update(hook.after_step(self, self.step, task, detached))
-        return detached
+        return {k: v.detach() for k, v in losses.items()}
 
     def _clip_gradients(self) -> None:
         if self.cfg.optim.clip_grad <= 0:
