@@ -1,16 +1,31 @@
-"""Process-group set-up from torchrun or SLURM variables, and DDP / FSDP wrapping.
+"""Process-group set-up from torchrun or SLURM variables, DDP / FSDP2 wrapping, and the
+state-dict and RNG plumbing that makes checkpoints independent of how a run was launched.
 
 One code path for a laptop (a single process, no process group), ``torchrun`` and SLURM
 (``srun`` or submitit): the rank, world size and local rank are read from the
 environment, ``MASTER_ADDR``/``MASTER_PORT`` are derived on SLURM when missing.
+
+Strategies (``dist.strategy``):
+
+- ``auto`` / ``ddp``: the student's parts are wrapped in DDP; the teacher is a plain
+  replica on every rank (its EMA sees identical, all-reduced students).
+- ``fsdp``: FSDP2 ``fully_shard`` per transformer block plus the root of every student
+  part, and the teacher sharded the same way, so the EMA runs on matching local shards.
+- ``none``: no process group, even under torchrun.
+
+Checkpoints always hold full (unsharded, wrapper-free) state dicts: one written by a DDP
+or FSDP run loads in a single-process run and in the eval tools.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 import re
 import subprocess
+import warnings
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -18,9 +33,14 @@ from torch import nn
 
 from dinov.config import DistributedConfig
 
+STRATEGIES = ("auto", "ddp", "fsdp", "none")
+_BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.\d+$")
+
 
 @dataclass(frozen=True)
 class DistEnv:
+    """Where this process sits: global rank, number of processes, rank on its node."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
@@ -31,16 +51,29 @@ class DistEnv:
 
 
 def _first_slurm_host(nodelist: str) -> str:
+    """First host of a SLURM node list, through ``scontrol`` or a parser for when it is absent."""
     try:
         out = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
-                             capture_output=True, text=True).stdout.split()
+                             capture_output=True, text=True, timeout=30).stdout.split()
         if out:
             return out[0]
-    except (OSError, subprocess.CalledProcessError):
+    except (OSError, subprocess.SubprocessError):
         pass
-    # "node[01-04,07]" -> "node01" without scontrol
-    match = re.match(r"([^\[,]+)(?:\[(\d+))?", nodelist)
-    return match.group(1) + (match.group(2) or "") if match else nodelist
+    return _first_host_of_nodelist(nodelist)
+
+
+def _first_host_of_nodelist(nodelist: str) -> str:
+    """Parse SLURM's compressed host list without ``scontrol``: the first top-level item,
+    each bracket range replaced by its first value ("node[01-04,07]" -> "node01",
+    "rack[3,5]-x,gpu1" -> "rack3-x")."""
+    depth, end = 0, len(nodelist)
+    for i, char in enumerate(nodelist):
+        depth += {"[": 1, "]": -1}.get(char, 0)
+        if char == "," and depth == 0:
+            end = i
+            break
+    first = re.sub(r"\[([^\]]*)\]", lambda m: re.split(r"[-,]", m.group(1))[0], nodelist[:end])
+    return first or nodelist
 
 
 def detect_env() -> DistEnv:
@@ -59,6 +92,8 @@ def detect_env() -> DistEnv:
 
 def init_distributed(cfg: DistributedConfig) -> tuple[DistEnv, torch.device]:
     """Initialise the process group when there are several processes; pick the device."""
+    if cfg.strategy not in STRATEGIES:
+        raise ValueError(f"dist.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
     env = detect_env()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
@@ -78,26 +113,202 @@ def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def wrap_student(student: nn.ModuleDict, cfg: DistributedConfig, device: torch.device) -> None:
-    """Wrap each student part in place: DDP (``ddp``/``auto``) or FSDP2 ``fully_shard`` (``fsdp``)."""
+def barrier() -> None:
+    """Wait for every rank (no-op in a single process)."""
+    if is_distributed():
+        dist.barrier()
+
+
+def destroy_distributed() -> None:
+    """Tear the process group down (safe to call when there is none)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def uses_fsdp(cfg: DistributedConfig) -> bool:
+    """True when the run shards student and teacher (every rank must run teacher forwards)."""
+    return is_distributed() and cfg.strategy == "fsdp"
+
+
+# ----- wrapping ---------------------------------------------------------------------------
+@torch.no_grad()
+def broadcast_module(module: nn.Module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers to every rank.
+
+    Ranks seed their RNG with ``seed + rank`` (different crops and masks per rank), so
+    each builds a different random init; DDP would only fix the student, not the teacher
+    deep-copied from it, and FSDP does not broadcast at all.
+    """
+    if not is_distributed():
+        return
+    for tensor in itertools.chain(module.parameters(), module.buffers()):
+        dist.broadcast(tensor.data, src)
+
+
+def _fully_shard_part(module: nn.Module, mesh: Any, reshard_after_forward: bool | None) -> None:
+    """FSDP2 on each transformer block (``...blocks.<i>``), then on the part's root."""
+    from torch.distributed.fsdp import fully_shard
+
+    blocks = [sub for name, sub in module.named_modules() if _BLOCK_NAME.search(name)]
+    for block in blocks:
+        fully_shard(block, mesh=mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(module, mesh=mesh, reshard_after_forward=reshard_after_forward)
+
+
+def wrap_model(student: nn.ModuleDict, teacher: nn.ModuleDict, cfg: DistributedConfig,
+               device: torch.device) -> None:
+    """Make ranks start identical, then wrap in place: DDP on the student, or FSDP2 on both.
+
+    Call before building the optimizer: ``fully_shard`` replaces parameters by sharded
+    DTensors, and an optimizer built earlier would step the stale full tensors.
+    """
     if not is_distributed() or cfg.strategy == "none":
         return
+    broadcast_module(student)
+    broadcast_module(teacher)
     if cfg.strategy == "fsdp":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.device_mesh import init_device_mesh
 
+        mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+        # FSDP2 warns on every root whose output is a view; BackboneOutput.cls/patch are
+        # slices of the final norm's output and nothing in dinov updates them in place.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module .* returned a view tensor")
+        # Same wrapping, same mesh: teacher shards line up with student shards, so the EMA
+        # is a local lerp with no communication. The student keeps FSDP's default (roots
+        # stay unsharded between forward and backward); the teacher has no backward, so
+        # its roots must reshard right after forward, or the EMA would lerp the
+        # temporary all-gathered copy (and meet plain tensors beside DTensors).
         for module in student.values():
-            for block in getattr(module, "blocks", []):
-                fully_shard(block)
-            fully_shard(module)
+            _fully_shard_part(module, mesh, reshard_after_forward=None)
+        for module in teacher.values():
+            _fully_shard_part(module, mesh, reshard_after_forward=True)
         return
     device_ids = [device.index] if device.type == "cuda" else None
     for name in list(student.keys()):
+        # Every parameter gets a gradient each step (the mask token through torch.where,
+        # the backbone is used twice but its graph runs once in one backward), so the
+        # default find_unused_parameters=False is right and costs no graph traversal.
         student[name] = nn.parallel.DistributedDataParallel(student[name], device_ids=device_ids)
 
 
+def wrap_student(student: nn.ModuleDict, cfg: DistributedConfig, device: torch.device) -> None:
+    """DDP-only wrapping of a student without a teacher (FSDP needs :func:`wrap_model`)."""
+    if cfg.strategy == "fsdp" and is_distributed():
+        raise ValueError("dist.strategy=fsdp shards student and teacher together: use wrap_model")
+    wrap_model(student, nn.ModuleDict(), cfg, device)
+
+
+def all_ranks_finite(tensor: torch.Tensor) -> bool:
+    """True when ``tensor`` is finite on every rank (one host sync, plus one all-reduce).
+
+    A step is skipped on all ranks or on none: a rank that skipped backward alone would
+    leave the others waiting in DDP's or FSDP's gradient collectives forever.
+    """
+    finite = torch.isfinite(tensor.detach()).all()
+    if is_distributed():
+        flag = finite.to(torch.int32)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        finite = flag.bool()
+    return bool(finite)
+
+
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
+    """Mean of ``tensor`` over ranks (a copy; the input itself when not distributed)."""
     if is_distributed():
         tensor = tensor.clone()
         dist.all_reduce(tensor)
         tensor /= dist.get_world_size()
     return tensor
+
+
+# ----- full state dicts -------------------------------------------------------------------
+def _full_options() -> Any:
+    from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+    return StateDictOptions(full_state_dict=True, cpu_offload=True)
+
+
+def _is_fsdp(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return any(isinstance(module, FSDPModule) for module in model.modules())
+
+
+def model_state_dict(model: nn.Module) -> dict[str, Any]:
+    """Full, wrapper-free model state (no ``module.`` prefixes, no shards).
+
+    A collective under DDP/FSDP: every rank must call it; only rank 0 gets the tensors
+    (others get an empty dict) because it alone writes checkpoints.
+    """
+    if not is_distributed():
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict
+
+    return get_model_state_dict(model, options=_full_options())
+
+
+def load_model_state_dict(model: nn.Module, state: dict[str, Any]) -> None:
+    """Load a full state dict on every rank (each rank shards it under FSDP)."""
+    if not is_distributed():
+        model.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    # set_model_state_dict pops keys from what it is given: hand it a shallow copy
+    set_model_state_dict(model, dict(state), options=StateDictOptions(full_state_dict=True, strict=True))
+
+
+def optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """The optimizer state in ``torch.optim`` format (integer ids), with full tensors.
+
+    DDP optimizers are already identical full replicas. FSDP's are gathered with
+    ``get_optimizer_state_dict`` (FQN-keyed), then re-keyed to integer ids in parameter
+    order, so a single-process run can ``load_state_dict`` it. Collective under FSDP.
+    """
+    if not _is_fsdp(model):
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    full = get_optimizer_state_dict(model, optimizer, options=_full_options())
+    if not full:  # ranks other than 0 get nothing with cpu_offload
+        return {}
+    ids: dict[str, int] = {}
+    groups = []
+    for group in full["param_groups"]:
+        groups.append({**group, "params": [ids.setdefault(fqn, len(ids)) for fqn in group["params"]]})
+    return {"state": {ids[fqn]: value for fqn, value in full["state"].items()}, "param_groups": groups}
+
+
+def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer,
+                              state: dict[str, Any]) -> None:
+    """Inverse of :func:`optimizer_state_dict`: integer ids -> FQNs -> shards under FSDP."""
+    if not _is_fsdp(model):
+        optimizer.load_state_dict(state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+    names = {id(param): name for name, param in model.named_parameters()}
+    order = [names[id(param)] for group in optimizer.param_groups for param in group["params"]]
+    groups = [{**group, "params": [order[i] for i in group["params"]]} for group in state["param_groups"]]
+    by_fqn = {"state": {order[i]: value for i, value in state["state"].items()}, "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, by_fqn, options=StateDictOptions(full_state_dict=True))
+
+
+# ----- per-rank RNG -----------------------------------------------------------------------
+def gather_objects(obj: Any) -> list[Any]:
+    """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""
+    if not is_distributed():
+        return [obj]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def rank_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
+    """This rank's RNG state from a checkpoint: ``rng_per_rank[rank]`` when the checkpoint
+    was written with the same world size, else the single ``rng`` entry (not exact then:
+    a different number of ranks draws different crops anyway)."""
+    per_rank = state.get("rng_per_rank")
+    if per_rank is not None and len(per_rank) == env.world_size:
+        return per_rank[env.rank]
+    return state["rng"]

@@ -439,4 +439,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except FileNotFoundError as error:  # missing data or weights: one line, not a traceback
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None

@@ -172,7 +172,8 @@ def test_our_trainer_checkpoint(roxford, tmp_path):
 
     root = Path(__file__).resolve().parents[1]
     cfg = load_config(root / "configs" / "smoke.yaml",
-                      [f"output_dir={tmp_path / 'train'}", "train.steps=4", "probe.enabled=false"])
+                      [f"output_dir={tmp_path / 'train'}", "train.steps=4", "probe.enabled=false",
+                       "data.num_samples=32"])
     Trainer(cfg).fit()
     ckpt = tmp_path / "train" / "checkpoints" / "checkpoint_00000004.pt"
     assert ckpt.is_file()

@@ -22,9 +22,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dinov.checkpoint import latest_checkpoint, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from dinov.checkpoint import (
+    latest_checkpoint,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dinov.config import Config, save_config, to_yaml
-from dinov.distributed import init_distributed, wrap_student
+from dinov.distributed import (
+    all_ranks_finite,
+    all_reduce_mean,
+    barrier,
+    gather_objects,
+    init_distributed,
+    load_model_state_dict,
+    load_optimizer_state_dict,
+    model_state_dict,
+    optimizer_state_dict,
+    rank_rng_state,
+    uses_fsdp,
+    wrap_model,
+)
 from dinov.plots import plot_run
 from dinov.train.data import BatchStream, build_pretraining_dataset
 from dinov.train.meta_arch import SSLMetaArch
@@ -55,42 +74,47 @@ class Trainer:
         self.output_dir = pathlib.Path(cfg.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         self.model = SSLMetaArch(cfg).to(self.device)
+        # wrap (DDP/FSDP) before the optimizer: FSDP replaces the parameters by shards
+        wrap_model(self.model.student, self.model.teacher, cfg.dist, self.device)
         self.optimizer = build_optimizer(self.model.student, self.model.num_blocks, cfg.optim)
-        wrap_student(self.model.student, cfg.dist, self.device)
         self.schedules = build_schedules(cfg)
         grid = self.model.backbone.patch_grid(cfg.crops.global_crops_size, cfg.crops.global_crops_size)
         self.task_builder = task_builder or MultiCropTaskBuilder(cfg, grid)
         self.hooks = list(hooks)
         dataset = build_pretraining_dataset(cfg.data)
         self.stream = BatchStream(dataset, cfg.data, self.env.rank, self.env.world_size)
-        self.probe = OnlineProbe(cfg) if cfg.probe.enabled and self.env.is_main else None
+        # under FSDP the probe's teacher forwards are collectives: every rank runs them
+        probe_here = self.env.is_main or uses_fsdp(cfg.dist)
+        self.probe = OnlineProbe(cfg) if cfg.probe.enabled and probe_here else None
         self.step = 0
         self.nonfinite_steps = 0
         self.history: dict[str, Any] = {}
 
     # ----- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        """The checkpoint; a collective under DDP/FSDP (full state dicts, every rank's RNG)."""
         builder_state = self.task_builder.state_dict() if hasattr(self.task_builder, "state_dict") else {}
         return {
             "step": self.step,
             "config": to_yaml(self.cfg),  # lets eval rebuild the backbone from the file alone
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "model": model_state_dict(self.model),  # full and wrapper-free under DDP/FSDP
+            "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "task_builder": builder_state,
             "hooks": [hook.state_dict() for hook in self.hooks],
             "rng": rng_state(),
+            "rng_per_rank": gather_objects(rng_state()),  # each rank restores its own stream
             "nonfinite_steps": self.nonfinite_steps,
             "history": self.history,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        load_model_state_dict(self.model, state["model"])
+        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         if hasattr(self.task_builder, "load_state_dict") and state.get("task_builder"):
             self.task_builder.load_state_dict(state["task_builder"])
         for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
             hook.load_state_dict(hook_state)
-        set_rng_state(state["rng"])
+        set_rng_state(rank_rng_state(state, self.env))
         self.step = state["step"]
         self.nonfinite_steps = state["nonfinite_steps"]
         self.history = state.get("history", {})
@@ -115,9 +139,13 @@ class Trainer:
             path.write_text("".join(line + "\n" for line in kept))
 
     def save(self) -> pathlib.Path | None:
-        if not self.env.is_main:
-            return None
-        return save_checkpoint(self.checkpoint_dir, self.step, self.state_dict(), self.cfg.train.keep_last)
+        """Every rank gathers (collectives), rank 0 writes, then all wait for the file."""
+        state = self.state_dict()
+        path = None
+        if self.env.is_main:
+            path = save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
+        barrier()  # a rank that resumes or stops next must find the file complete
+        return path
 
     # ----- one step --------------------------------------------------------------------
     def build_task(self, images: torch.Tensor) -> Task:
@@ -140,7 +168,8 @@ class Trainer:
         apply_schedule(self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr"])
         self.optimizer.zero_grad(set_to_none=True)
         losses, targets = self.model(task, sched["teacher_temp"])
-        if not bool(torch.isfinite(losses["total"])):  # the one sync per step: needed to skip
+        # the one sync per step: needed to skip; agreed by all ranks, or DDP/FSDP would hang
+        if not all_ranks_finite(losses["total"]):
             self._record_nonfinite()
             return None
         losses["total"].backward()
@@ -230,14 +259,18 @@ class Trainer:
         row: dict[str, Any] = {"lr": sched["lr"], "momentum": sched["momentum"],
                                "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite_steps}
         if pending:
-            stacked = {k: torch.stack([p[k] for p in pending]).mean().item() for k in pending[0]}
+            # mean over ranks too (ranks skip steps together, so all have the same rows)
+            stacked = {k: all_reduce_mean(torch.stack([p[k] for p in pending]).mean()).item()
+                       for k in pending[0]}
             row.update({"loss": stacked.pop("total"), **stacked})
         return row
 
     def _finish(self) -> dict[str, Any]:
         final_probe = self._probe()
-        rows = [json.loads(line) for line in (self.output_dir / "metrics.jsonl").read_text().splitlines()
-                if line.strip()] if (self.output_dir / "metrics.jsonl").exists() else []
+        metrics = self.output_dir / "metrics.jsonl"
+        # only rank 0 reads: another rank could see a line rank 0 is still writing
+        rows = [json.loads(line) for line in metrics.read_text().splitlines()
+                if line.strip()] if self.env.is_main and metrics.exists() else []
         losses = [r["loss"] for r in rows if "loss" in r]
         results: dict[str, Any] = {
             "steps": self.step,
