@@ -41,6 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import pathlib
 import sys
 import time
@@ -198,7 +199,7 @@ def check_config(cfg: DepthEvalConfig) -> None:
 
 def parse_args(argv: list[str] | None) -> DepthEvalConfig:
     cfg = parse_config(argv, "NYUv2 depth evaluation of a frozen backbone (linear head).",
-                       schema=DepthEvalConfig)
+                       schema=DepthEvalConfig, choices=_CHOICES)
     try:
         check_config(cfg)
     except ConfigError as error:
@@ -240,8 +241,8 @@ def collate(batch: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
     """Stack (image, depth) pairs; a split must hold one image size (as NYUv2 does)."""
     sizes = {tuple(image.shape[-2:]) for image, _ in batch}
     if len(sizes) > 1:
-        raise ValueError(f"images of one batch differ in size {sorted(sizes)}; "
-                         "set data.image_size or use a split of equally sized images")
+        raise ValueError(f"images of one batch differ in size {sorted(sizes)}: a split must "
+                         "hold images of one size (NYUv2: 480x640)")
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
@@ -286,8 +287,10 @@ class FeatureExtractor:
 
 
 def _loader(dataset: Dataset, cfg: DepthEvalConfig, **kwargs: Any) -> DataLoader:
+    # More decoding workers than cores only adds contention (and a DataLoader warning).
+    workers = min(cfg.data.num_workers, os.cpu_count() or 1)
     return DataLoader(dataset, batch_size=kwargs.pop("batch_size", cfg.data.batch_size),
-                      num_workers=cfg.data.num_workers, collate_fn=collate, **kwargs)
+                      num_workers=workers, collate_fn=collate, **kwargs)
 
 
 def train_cache_file(cfg: DepthEvalConfig, dataset: NYUDepthDataset) -> pathlib.Path | None:
@@ -547,7 +550,7 @@ def plot_predictions(shown: list[tuple[Tensor, Tensor, Tensor]], path: pathlib.P
             ax.set_title(title, fontsize=9)
             ax.axis("off")
         fig.colorbar(shown_pred, ax=row.tolist(), fraction=0.025, label="depth (m)")
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -565,6 +568,16 @@ def write_outputs(cfg: DepthEvalConfig, results: dict[str, Any], rows: list[dict
     plot_predictions(shown, out / "predictions.png", cfg)
     torch.save({"head": head.state_dict(), "in_dim": head.in_dim, "mode": head.mode},
                out / "head.pt")
+
+
+def backbone_summary(backbone: Backbone, model: ModelConfig) -> dict[str, Any]:
+    """What was evaluated; for our checkpoints the architecture comes from the file."""
+    return {
+        "arch": getattr(backbone.model, "pretrained_cfg", {}).get("architecture", model.arch),
+        "embed_dim": backbone.embed_dim, "num_blocks": backbone.num_blocks,
+        "patch_size": backbone.patch_size, "weights": model.weights,
+        "weights_key": model.weights_key if model.weights else None,
+    }  # fmt: skip
 
 
 def build_head(cfg: DepthEvalConfig, in_dim: int, device: torch.device) -> LinearDepthHead:
@@ -594,6 +607,7 @@ def run(cfg: DepthEvalConfig) -> dict[str, Any]:
     mean_depth = batches.mean_depth(cfg.data.min_depth, cfg.data.max_depth)
     results, shown = evaluate(head, extractor, test_set, cfg, mean_depth)
     results.update({
+        "backbone": backbone_summary(extractor.backbone, cfg.model),
         "num_train_images": len(train_set),
         "final_train_loss": rows[-1]["loss"] if rows else None,
         "blocks": extractor.blocks,

@@ -285,6 +285,7 @@ def test_our_trainer_checkpoint_teacher_and_student(nyu, tmp_path):
                     *SMALL_RUN, "head.n_layers=4"])
     check_run(out, teacher)
     assert teacher["blocks"] == [0, 1, 2, 3]  # smoke.yaml's 4-block ViT, read from the file
+    assert teacher["backbone"]["embed_dim"] == 64 and teacher["backbone"]["patch_size"] == 8
     assert teacher["feature_dim"] == 4 * 64 * 2
     # The student, with the backbone run on every batch instead of precomputed features.
     student = main([f"data.root={nyu}", f"output_dir={tmp_path / 'student'}",
