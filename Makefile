@@ -43,11 +43,11 @@ $(MMSEG_STAMP): pyproject.toml constraints.txt
 	$(MMSEG_PIP) install -q -c constraints.txt "torch==2.13.0" numpy
 	$(MMSEG_PIP) install -q -c constraints.txt "setuptools<81" wheel ninja
 	MAX_JOBS=2 $(MMSEG_PIP) install -q --no-build-isolation -c constraints.txt "mmcv>=2.0.0rc4,<2.2.0"
-	$(MMSEG_PIP) install -q -c constraints.txt -e ".[dev,mmseg]" ftfy
+	$(MMSEG_PIP) install -q -c constraints.txt -e ".[dev,mmseg]" ftfy regex
 	touch $(MMSEG_STAMP)
 
 test-mmseg: $(MMSEG_STAMP)
 	$(MMSEG_PY) -m pytest -m mmseg tests/test_mmseg.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) .venv-mmseg runs .pytest_cache

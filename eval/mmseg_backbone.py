@@ -31,7 +31,8 @@ The extra is optional and heavy: ``pip install -e '.[mmseg]'`` needs mmcv < 2.2
 compiled from source (``make test-mmseg`` does it in ``.venv-mmseg``; by hand:
 ``pip install "setuptools<81" wheel ninja`` then
 ``MAX_JOBS=2 pip install --no-build-isolation "mmcv>=2.0.0rc4,<2.2.0"``, DESIGN.md
-section 7). ``import eval`` never imports this module.
+section 7). ``mmseg.utils`` imports ``ftfy`` and ``regex`` at import time (its CLIP
+tokenizer), so both are needed too. ``import eval`` never imports this module.
 
 Compatibility with current torch/numpy (mmseg 1.2.2, mmengine 0.10.7, mmcv 2.1.0,
 torch 2.13, numpy 2): see :func:`_install_compat` for what is patched and why.
@@ -42,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -77,7 +79,41 @@ except AssertionError as err:  # mmseg's own version check (e.g. mmcv 2.2 instal
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
-@MODELS.register_module()
+def _install_compat() -> None:
+    """Patch what mmengine 0.10.7 gets wrong with current torch; idempotent.
+
+    Checked here with mmseg 1.2.2, mmengine 0.10.7, mmcv 2.1.0 (built from source),
+    torch 2.13 and numpy 2.4: model building, training, validation (IoUMetric) and
+    checkpoint saving need nothing. One thing does:
+
+    - **Resuming / ``load_from``.** torch >= 2.6 defaults ``torch.load`` to
+      ``weights_only=True``, and mmengine's local checkpoint loader calls it without the
+      argument, so ``--resume`` fails on mmengine's own checkpoints (they pickle
+      ``HistoryBuffer`` objects and numpy arrays of the message hub, which the weights-only
+      unpickler refuses). The local-file loader is re-registered to load full pickles, the
+      behaviour mmengine was written for: resume and ``load_from`` only checkpoints you
+      trust, as with any pickle. Our backbone weights are loaded by :mod:`dinov` with
+      ``weights_only=True`` and are not affected.
+    """
+    from mmengine.runner.checkpoint import CheckpointLoader
+
+    loader = CheckpointLoader._schemes.get("")
+    if getattr(loader, "_vpretrain_full_pickle", False):
+        return
+
+    def load_from_local(filename: str, map_location: Any = None) -> Any:
+        path = os.path.expanduser(filename)
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"{path} can not be found.")
+        return torch.load(path, map_location=map_location, weights_only=False)
+
+    load_from_local._vpretrain_full_pickle = True  # type: ignore[attr-defined]
+    CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
+
+
+_install_compat()
+
+
 class VPretrainViT(BaseModule):
     """Our :class:`~dinov.models.backbone.Backbone` as an mmseg backbone (see the module doc).
 
@@ -176,7 +212,6 @@ class VPretrainViT(BaseModule):
         return tuple(outputs)
 
 
-@MODELS.register_module()
 class BNHead(BaseDecodeHead):
     """DINOv2's linear segmentation head: (resize + concat), BatchNorm, 1x1 conv.
 
@@ -198,6 +233,14 @@ class BNHead(BaseDecodeHead):
     def forward(self, inputs: Sequence[Tensor]) -> Tensor:
         """Selected backbone maps -> (B, num_classes, h, w) logits at the first map's size."""
         return self.cls_seg(self.bn(self._transform_inputs(inputs)))
+
+
+# Registered only under the importable name: `python -m eval.mmseg_backbone` runs this file
+# as __main__, and the configs' custom_imports then import eval.mmseg_backbone again; a
+# second registration of the same names would be a KeyError in mmengine's registry.
+if __name__ != "__main__":
+    MODELS.register_module(module=VPretrainViT)
+    MODELS.register_module(module=BNHead)
 
 
 # ---------------------------------------------------------------------- training CLI
@@ -231,4 +274,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    from eval.mmseg_backbone import main as _main  # the registered copy (see above)
+
+    raise SystemExit(_main())

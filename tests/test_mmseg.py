@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -36,6 +38,7 @@ from dinov.models import build_backbone  # noqa: E402
 from dinov.train.trainer import Trainer  # noqa: E402
 from eval.common import build_eval_backbone  # noqa: E402
 from eval.mmseg_backbone import VPretrainViT  # noqa: E402
+from eval.mmseg_backbone import main as mmseg_main  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 LINEAR = ROOT / "configs/mmseg/linear_ade20k.py"
@@ -169,7 +172,9 @@ def test_linear_bn_head_trains_on_frozen_backbone(ours_ckpt: Path) -> None:
     inputs, samples = _batch()
     losses = model.loss(inputs, samples)
     loss = sum(v for k, v in losses.items() if "loss" in k)
-    assert math.isclose(loss.item(), math.log(150), rel_tol=0.05)  # near-uniform start
+    # Near-uniform start; mmseg's CrossEntropyLoss (avg_non_ignore=False) averages over all
+    # pixels, ignored ones included, so the 2 ignored rows of 32 scale it by 30/32.
+    assert math.isclose(loss.item(), math.log(150) * 30 / 32, rel_tol=0.02)
     loss.backward()
     grads = _head_grads(model, "decode_head.")
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
@@ -223,12 +228,34 @@ def _tiny_run(cfg: Config, ade_root: Path, work_dir: Path, iters: int, crop: int
 def test_runner_trains_linear_config_on_synthetic_ade20k(
     ours_ckpt: Path, ade_root: Path, tmp_path: Path
 ) -> None:
-    cfg = _tiny_run(_tiny_linear(ours_ckpt), ade_root, tmp_path, iters=8)
+    cfg = _tiny_run(_tiny_linear(ours_ckpt), ade_root, tmp_path, iters=10)
     cfg.optim_wrapper.optimizer.lr = 3e-2
     runner = Runner.from_cfg(cfg)
     runner.train()
-    losses = list(runner.message_hub.get_scalar("train/loss").data[0])
-    assert len(losses) == 8 and all(math.isfinite(v) for v in losses)
-    assert sum(losses[-2:]) / 2 < 0.7 * sum(losses[:2]) / 2, losses
+    losses = [float(v) for v in runner.message_hub.get_scalar("train/loss").data[0]]
+    assert len(losses) == 10 and all(math.isfinite(v) for v in losses)
+    # from ~ln(150) toward the few classes present; raw per-iteration values, so average
+    assert sum(losses[-3:]) / 3 < 0.7 * sum(losses[:3]) / 3, losses
     metrics = runner.val()  # the 4 validation scenes through the slide-window test loop
     assert 0.0 < metrics["mIoU"] <= 100.0
+
+
+def test_cli_trains_upernet_config_and_resumes(
+    ours_ckpt: Path, ade_root: Path, tmp_path: Path
+) -> None:
+    """`python -m eval.mmseg_backbone`, then main(--resume) in-process: mmengine's own
+    checkpoints must load under torch >= 2.6 (weights_only default)."""
+    cfg = _tiny_run(_tiny_upernet(ours_ckpt), ade_root, tmp_path / "work", iters=2)
+    cfg.default_hooks.checkpoint = dict(type="CheckpointHook", by_epoch=False, interval=2)
+    config = tmp_path / "tiny_upernet.py"
+    cfg.dump(str(config))
+    work = str(tmp_path / "work")
+    cli = [sys.executable, "-m", "eval.mmseg_backbone", str(config), "--work-dir", work]
+    run = subprocess.run(cli, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert mmseg_main([str(config), "--work-dir", work, "--resume",
+                       "--cfg-options", "train_cfg.max_iters=4"]) == 0
+    checkpoint = torch.load(tmp_path / "work/iter_4.pth", weights_only=False)
+    assert checkpoint["meta"]["iter"] == 4  # resumed at 2, not restarted
+    assert sorted(p.name for p in (tmp_path / "work").glob("iter_*.pth")) == ["iter_2.pth",
+                                                                              "iter_4.pth"]
