@@ -29,7 +29,7 @@ def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
 
 def softmax_center_teacher(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """Teacher targets ``softmax((teacher_logits - center) / teacher_temp)`` over the last dim."""
-    return F.softmax((teacher_logits.float() - center) / teacher_temp, dim=-1)
+    return F.softmax((teacher_logits.float() - center).mul_(1.0 / teacher_temp), dim=-1)
 
 
 def _prototype_max(scaled: Tensor) -> Tensor:
@@ -48,23 +48,27 @@ def _sinkhorn_knopp(
     n_samples: Tensor | int | None = None,
 ) -> Tensor:
     """Sinkhorn-Knopp on (B, K) logits; ``n_samples`` is the global B (default B * world size)."""
-    scaled = teacher_logits.float() / teacher_temp
+    scaled = teacher_logits.float() * (1.0 / teacher_temp)  # a new tensor: edited in place below
     # DINOv2 exponentiates directly. Subtracting a per-prototype max scales each row of Q
     # by a constant, which the first row normalisation removes exactly, so the result is
     # unchanged while exp can no longer overflow. The max must be global across ranks:
     # a per-rank max would scale each rank's columns differently and not cancel.
-    q = torch.exp(scaled - _prototype_max(scaled)).t()
-    n_prototypes = q.shape[0]
+    q = scaled.sub_(_prototype_max(scaled)).exp_()  # (B, K); in place: K is up to 65536
+    n_prototypes = q.shape[1]
     if n_samples is None:
         world = dist.get_world_size() if _distributed() else 1
-        n_samples = q.shape[1] * world
-    q = q / _all_reduce(q.sum())
+        n_samples = q.shape[0] * world
+    q.div_(_all_reduce(q.sum()))
     # A sample whose logits underflow for every prototype would give 0/0; tiny keeps it 0.
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
-        q = q / _all_reduce(q.sum(dim=1, keepdim=True)) / n_prototypes
-        q = q / q.sum(dim=0, keepdim=True).clamp_min(tiny) / n_samples
-    return (q * n_samples).t()
+        # DINOv2's rows are prototypes; we keep (B, K) and scale columns, then rows, in
+        # place by reciprocals: two passes over Q per iteration instead of four.
+        per_prototype = _all_reduce(q.sum(dim=0, keepdim=True))
+        q.mul_(per_prototype.mul_(n_prototypes).reciprocal_())
+        per_sample = q.sum(dim=1, keepdim=True).clamp_min_(tiny)
+        q.mul_(per_sample.mul_(n_samples).reciprocal_())
+    return q.mul_(n_samples)
 
 
 def sinkhorn_knopp_teacher(
@@ -139,7 +143,7 @@ class DINOLoss(nn.Module):
                 f"at least one cross-view pair, got "
                 f"teacher {tuple(teacher_probs.shape)} and student {tuple(student_logits.shape)}"
             )
-        log_probs = F.log_softmax(student_logits.float() / self.student_temp, dim=-1)
+        log_probs = F.log_softmax(student_logits.float() * (1.0 / self.student_temp), dim=-1)
         # (teacher crop, student crop) matrix of batch-mean cross-entropies in one contraction.
         ce = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), log_probs) / batch
         same_view = torch.eye(n_global, n_student, dtype=torch.bool, device=ce.device)

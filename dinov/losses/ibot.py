@@ -78,7 +78,7 @@ class IBOTPatchLoss(nn.Module):
                 f"{tuple(student_patch_logits.shape)}, {tuple(teacher_probs.shape)}, "
                 f"{tuple(sample_weights.shape)}"
             )
-        log_probs = F.log_softmax(student_patch_logits.float() / self.student_temp, dim=-1)
+        log_probs = F.log_softmax(student_patch_logits.float() * (1.0 / self.student_temp), dim=-1)
         ce = -(teacher_probs.float() * log_probs).sum(dim=-1)
         return (sample_weights.float() * ce).sum()
 

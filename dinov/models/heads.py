@@ -42,9 +42,13 @@ class DINOHead(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = self.mlp(x)
         eps = 1e-6 if x.dtype == torch.float16 else 1e-12
-        x = F.normalize(x, dim=-1, p=2, eps=eps)
-        prototypes = F.normalize(self.last_layer.weight, dim=1, p=2)
-        return F.linear(x, prototypes)
+        return F.linear(_unit_rows(x, eps), _unit_rows(self.last_layer.weight, eps))
+
+
+def _unit_rows(x: Tensor, eps: float) -> Tensor:
+    """``F.normalize(x, dim=-1)`` as a multiplication by reciprocal norms: with 65536
+    prototypes this matrix is large, and a multiply (and its backward) costs less than a divide."""
+    return x * torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min(eps).reciprocal()
 
 
 def build_head(cfg: HeadConfig, in_dim: int, out_dim: int | None = None) -> DINOHead:

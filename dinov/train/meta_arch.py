@@ -68,8 +68,16 @@ class SSLMetaArch(nn.Module):
     def num_blocks(self) -> int:
         return self.backbone.num_blocks
 
-    def _ibot_head(self, modules: nn.ModuleDict) -> nn.Module:
-        return modules["ibot_head"] if "ibot_head" in modules else modules["dino_head"]
+    def _heads(self, modules: nn.ModuleDict, cls_tokens: Tensor, patch_tokens: Tensor) -> tuple[Tensor, Tensor]:
+        """DINO logits of the CLS tokens and iBOT logits of the masked patch tokens (fp32).
+
+        With a shared head (DINOv2's default) both go through one call, so the prototype
+        matrix is normalised and multiplied once per step instead of twice.
+        """
+        if "ibot_head" in modules:
+            return modules["dino_head"](cls_tokens).float(), modules["ibot_head"](patch_tokens).float()
+        logits = modules["dino_head"](torch.cat([cls_tokens, patch_tokens])).float()
+        return logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
 
     @torch.no_grad()
     def teacher_targets(self, task: Task, teacher_temp: float) -> TeacherTargets:
@@ -77,8 +85,7 @@ class SSLMetaArch(nn.Module):
         with autocast_context(self.cfg.train.precision, task.teacher_global.device):
             out = self.teacher["backbone"](task.teacher_global)
             patches = out.patch.flatten(0, 1)[task.masks.indices]
-            dino_logits = self.teacher["dino_head"](out.cls).float()
-            ibot_logits = self._ibot_head(self.teacher)(patches).float()
+            dino_logits, ibot_logits = self._heads(self.teacher, out.cls, patches)
         dino_probs = self.dino_loss.teacher_probs(
             dino_logits, teacher_temp, loss_cfg.centering, loss_cfg.sinkhorn_iterations)
         if ibot_logits.shape[0] > 0:
@@ -99,9 +106,8 @@ class SSLMetaArch(nn.Module):
             cls_tokens = [global_out.cls]
             if task.n_local > 0:
                 cls_tokens.append(student["backbone"](task.local).cls)
-            dino_logits = student["dino_head"](torch.cat(cls_tokens)).float()
             masked = global_out.patch.flatten(0, 1)[task.masks.indices]
-            ibot_logits = self._ibot_head(student)(masked).float()
+            dino_logits, ibot_logits = self._heads(student, torch.cat(cls_tokens), masked)
         n_crops = task.n_global + task.n_local
         dino = self.dino_loss(dino_logits.unflatten(0, (n_crops, -1)), targets.dino_probs,
                               n_global=task.n_global)
