@@ -1,4 +1,5 @@
-"""Write state dicts in the official facebookresearch/dinov2 and dinov3 key layouts.
+"""Test support: randomised tiny backbones, and state dicts in the official
+facebookresearch/dinov2 and dinov3 key layouts.
 
 Tests use these to check that official checkpoint files load through the backbone loader
 and every eval CLI: each function inverts timm's converter for its family, so a backbone
@@ -10,6 +11,16 @@ from __future__ import annotations
 import torch
 
 from dinov.models import Backbone
+
+
+def randomise_(backbone: Backbone, seed: int = 0, scale: float = 0.3) -> Backbone:
+    """Overwrite every parameter with seeded noise, so that a loader that skipped any tensor
+    would change the outputs. Returns the backbone in eval mode."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in backbone.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * scale)
+    return backbone.eval()
 
 
 def dinov2_official(backbone: Backbone) -> dict[str, torch.Tensor]:

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from official_layouts import dinov2_official, dinov3_official
+from official_layouts import dinov2_official, dinov3_official, randomise_
 
 import dinov.models.backbone as backbone_mod
 from dinov.config import ModelConfig
@@ -39,10 +39,7 @@ def tiny(arch: str, img_size: int | None = None, seed: int = 0, **overrides) -> 
         **overrides,
     )
     backbone = build_backbone(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backbone.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_(backbone, seed)
     return backbone
 
 

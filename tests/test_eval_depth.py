@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from official_layouts import dinov2_official, dinov3_official
+from official_layouts import dinov2_official, dinov3_official, randomise_
 
 from dinov.config import ModelConfig, load_config
 from dinov.data.synthetic import write_layout
@@ -62,10 +62,7 @@ def tiny_source(arch: str, img_size: int, seed: int = 0):
     """A tiny backbone with every parameter randomised (so all of them matter)."""
     cfg = ModelConfig(arch=arch, img_size=img_size, **TINY)
     backbone = build_backbone(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backbone.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_(backbone, seed)
     return backbone
 
 

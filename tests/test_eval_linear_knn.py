@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from official_layouts import dinov2_official, dinov3_official
+from official_layouts import dinov2_official, dinov3_official, randomise_
 
 import eval.features as features_mod
 from dinov.config import ModelConfig, load_config
@@ -43,10 +43,7 @@ HEADS = ["linear.epochs=3", "linear.batch_size=16"]
 def randomised(cfg: ModelConfig, seed: int = 0) -> Backbone:
     """A tiny backbone with every parameter random, so that all of them matter."""
     backbone = build_backbone(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backbone.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_(backbone, seed)
     return backbone
 
 

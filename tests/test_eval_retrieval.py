@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from official_layouts import dinov2_official, dinov3_official
+from official_layouts import dinov2_official, dinov3_official, randomise_
 from PIL import Image
 
 import eval.retrieval as retrieval
@@ -55,10 +55,7 @@ def tiny(arch: str, seed: int = 0) -> Backbone:
     patch = 16 if "dinov3" in arch else 14
     cfg = ModelConfig(arch=arch, img_size=2 * patch, embed_dim=32, depth=2, num_heads=2)
     backbone = build_backbone(cfg).eval()
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in backbone.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    randomise_(backbone, seed)
     return backbone
 
 

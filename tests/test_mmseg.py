@@ -29,7 +29,7 @@ from mmengine.runner import Runner  # noqa: E402
 from mmengine.structures import PixelData  # noqa: E402
 from mmseg.registry import MODELS  # noqa: E402
 from mmseg.structures import SegDataSample  # noqa: E402
-from official_layouts import dinov2_official  # noqa: E402
+from official_layouts import dinov2_official, randomise_  # noqa: E402
 
 from dinov.checkpoint import latest_checkpoint  # noqa: E402
 from dinov.config import ModelConfig, load_config  # noqa: E402
@@ -100,11 +100,7 @@ def test_ours_checkpoint_maps_equal_intermediate_layers(ours_ckpt: Path) -> None
 def test_official_dinov2_file_and_unnormed_outputs(tmp_path: Path) -> None:
     arch = dict(arch="vit_small_patch14_dinov2", img_size=32, patch_size=PATCH,
                 embed_dim=DIM, depth=2, num_heads=2)
-    source = build_backbone(ModelConfig(**arch)).eval()
-    with torch.no_grad():  # randomise every parameter so each one matters
-        gen = torch.Generator().manual_seed(0)
-        for p in source.parameters():
-            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    source = randomise_(build_backbone(ModelConfig(**arch)))
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(dinov2_official(source), path)
     for norm in (True, False):
