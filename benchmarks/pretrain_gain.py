@@ -55,23 +55,26 @@ def eval_arms(data: pathlib.Path, out: pathlib.Path, arms: dict[str, list[str]])
     jobs = {
         "linear": ("linear", [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
                               "data.num_workers=0", "linear.epochs=30", "linear.batch_size=128"],
-                   lambda r: r["top1"]),
+                   lambda r: {"linear_top1": r["top1"]}),
         "knn": ("knn", [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
-                        "data.num_workers=0"], lambda r: r["top1"]),
-        "seg_miou": ("segmentation", [f"data.root={data / 'ade'}", "data.num_classes=10", "data.image_size=48",
+                        "data.num_workers=0"], lambda r: {"knn_top1": r["top1"]}),
+        "segmentation": ("segmentation", [f"data.root={data / 'ade'}", "data.num_classes=10", "data.image_size=48",
                                       "data.num_workers=0", "train.iterations=600", "train.warmup_iters=50",
-                                      "train.augment=false", "inference.mode=resize"], lambda r: r["miou"]),
-        "depth_rmse": ("depth", [f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
+                                      "train.augment=false", "inference.mode=resize"],
+                     lambda r: {"seg_miou": r["miou"], "seg_aacc": r["aacc"], "seg_macc": r["macc"]}),
+        "depth": ("depth", [f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
                                  "train.iterations=600", "train.lr=1e-3", "train.warmup_iters=50"],
-                       lambda r: r["rmse"]),
-        "retrieval_map_m": ("retrieval", [f"data.root={data / 'rox'}", "data.image_size=48",
-                                          "data.num_workers=0"], lambda r: r["map"]["medium"]),
+                       lambda r: {f"depth_{k}": r[k] for k in ("rmse", "abs_rel", "log10", "d1")}),
+        "retrieval": ("retrieval", [f"data.root={data / 'rox'}", "data.image_size=48",
+                                          "data.num_workers=0"],
+                            lambda r: {f"retrieval_map_{k}": v for k, v in r["map"].items()}),
     }
     results: dict[str, dict] = {}
-    for metric, (module, args, pick) in jobs.items():
+    for module, args, pick in jobs.values():
         for arm, model_args in arms.items():
             result = run_cli(module, [*args, *model_args, f"output_dir={out / arm / module}"])
-            results.setdefault(metric, {})[arm] = round(float(pick(result)), 3)
+            for metric, value in pick(result).items():
+                results.setdefault(metric, {})[arm] = round(float(value), 3)
     return results
 
 
@@ -92,7 +95,7 @@ def main() -> None:
             "init": [*model_args, f"model.weights={init_path}", "model.weights_format=timm"],
         }
         results = eval_arms(root / "data", root / "runs", arms)
-    lower_is_better = {"depth_rmse"}
+    lower_is_better = {"depth_rmse", "depth_abs_rel", "depth_log10"}
     better = {m: (v["trained"] < v["init"]) if m in lower_is_better else (v["trained"] > v["init"])
               for m, v in results.items()}
     print(json.dumps({"benchmark": "pretrain_gain", "checkpoint": str(args.checkpoint),
