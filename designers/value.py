@@ -1,0 +1,340 @@
+"""The modality-agnostic value-estimator core (DESIGN.md section 3).
+
+This module owns one quantity: the directional derivative of a pretraining loss along a
+direction in (a subset of) the learner's parameters,
+
+    V = d/dε fn()|_{params + ε·v},  ε = 0,   v = direction / ‖direction‖,
+
+returned as a tensor that stays differentiable w.r.t. everything ``fn`` depends on
+besides ``params`` (the designer's outputs: views, masks, soft targets). It is shared by
+the vision designers and the LM designer, so it imports nothing vision-specific.
+
+The derivative is taken along the *unit* direction. A caller that needs
+``g_downᵀ ∇θ L_pre`` multiplies the result by ``‖g_down‖`` (or, since only the designer
+gradient's direction and scale relative to its learning rate matter, folds it into the
+designer lr).
+
+Methods:
+
+- ``fd`` (default): central difference with a step relative to ``‖θ‖``; first-order
+  autograd only, so it works with fused/flash attention kernels (see the caveats in
+  :func:`directional_derivative` for checkpointing and sharding).
+- ``exact``: double backward; the reference.
+- ``jvp``: forward-mode AD (``torch.func.jvp`` through ``torch.func.functional_call``);
+  needs the module that owns ``params``.
+
+Contract for ``fn``: it reads parameters and buffers but updates no state (no BatchNorm
+running stats in train mode, no EMA, no centering update; pass precomputed no-grad
+teacher targets). The estimator itself only ever touches ``params``, and restores them
+bitwise.
+
+Gradients: ``fd`` and ``jvp`` cut ``params`` out of the returned value's graph, so a
+backward through V reaches only the designer. ``exact`` cannot (its value is built from
+a graph through ``params``): take designer gradients with
+``torch.autograd.grad(V, designer_params)`` or zero the learner's grads afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.overrides import TorchFunctionMode
+
+METHODS = ("fd", "exact", "jvp")
+
+
+# ----------------------------------------------------------------------------- helpers
+def unit_direction(direction: Sequence[Tensor]) -> tuple[list[Tensor], Tensor]:
+    """``direction`` scaled to unit norm over all tensors jointly (fp32), and that norm."""
+    flat = [_wide(d.detach()) for d in direction]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(d) for d in flat]))
+    if not torch.isfinite(norm) or norm.item() == 0.0:
+        raise ValueError(f"direction must have a finite non-zero norm, got {norm.item()}")
+    return [d / norm for d in flat], norm
+
+
+def _check_shapes(params: Sequence[Tensor], direction: Sequence[Tensor]) -> None:
+    if len(params) != len(direction):
+        raise ValueError(f"{len(params)} params but {len(direction)} direction tensors")
+    for i, (p, d) in enumerate(zip(params, direction, strict=True)):
+        if p.shape != d.shape:
+            raise ValueError(f"direction[{i}] has shape {tuple(d.shape)}, param {tuple(p.shape)}")
+
+
+def _wide(t: Tensor) -> Tensor:
+    """``t`` in fp32 at least (bf16/fp16 widened, fp64 kept): where differences are taken."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def _rng_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_rng_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        torch.cuda.set_rng_state_all(state[1])
+
+
+@contextlib.contextmanager
+def _math_attention() -> Iterator[None]:
+    # The fused CPU/CUDA attention kernels implement neither double backward nor forward
+    # AD; the math backend decomposes attention into differentiable primitives.
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+@contextlib.contextmanager
+def _detached(params: Sequence[Tensor]) -> Iterator[None]:
+    """Temporarily make ``params`` not require grad.
+
+    The fd graphs then reach only the designer: backward skips every weight-gradient
+    product of the perturbed passes and never writes ``param.grad``.
+    """
+    flags = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def _snapshot_saved_params(params: Sequence[Tensor]) -> Iterator[None]:
+    """Save a private copy of any tensor sharing storage with ``params`` when autograd saves it.
+
+    fd evaluates ``fn`` twice with the parameters edited in place between the passes; the
+    graph of the first pass must keep seeing the values it ran with (θ+εv), not the later
+    ones, or the designer gradient of the ``+`` pass would be computed with θ−εv weights.
+    Views (e.g. ``weight.t()`` saved by ``addmm``) are matched by storage.
+    """
+    ptrs = {p.untyped_storage().data_ptr() for p in params}
+
+    def pack(t: Tensor) -> Any:
+        if t.device.type != "meta" and t.untyped_storage().data_ptr() in ptrs:
+            return t.detach().clone()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield
+
+
+def _set_perturbed(params: Sequence[Tensor], saved: Sequence[Tensor],
+                   unit: Sequence[Tensor], step: float) -> None:
+    # From the saved copy in fp32, never by adding to the current value: no drift.
+    with torch.no_grad():
+        for p, s, v in zip(params, saved, unit, strict=True):
+            p.copy_((_wide(s) + step * v.to(s.device)).to(p.dtype))
+
+
+# ----------------------------------------------------------------------------- methods
+def fd_step(params: Sequence[Tensor], eps: float) -> float:
+    """The fd step ε·max(‖θ‖, 1): relative to the parameter norm, absolute for tiny θ."""
+    with torch.no_grad():
+        norm = torch.linalg.vector_norm(
+            torch.stack([torch.linalg.vector_norm(p.detach().float()) for p in params]))
+    return eps * max(float(norm), 1.0)
+
+
+def _central_difference(fn: Callable[[], Tensor], params: Sequence[Tensor],
+                        unit: Sequence[Tensor], eps: float) -> Tensor:
+    """(fn(θ+hv) − fn(θ−hv)) / 2h with identical RNG draws; params restored bitwise."""
+    step = fd_step(params, eps)
+    saved = [p.detach().clone() for p in params]
+    rng = _rng_state()
+    try:
+        with _detached(params), _snapshot_saved_params(params):
+            _set_perturbed(params, saved, unit, step)
+            plus = _wide(fn())
+            _set_rng_state(rng)  # dropout / drop-path masks equal in both passes
+            _set_perturbed(params, saved, unit, -step)
+            minus = _wide(fn())
+    finally:
+        with torch.no_grad():
+            for p, s in zip(params, saved, strict=True):
+                p.copy_(s)
+    return (plus - minus) / (2.0 * step)
+
+
+def _exact(fn: Callable[[], Tensor], params: Sequence[Tensor], unit: Sequence[Tensor]) -> Tensor:
+    """Σ (∂fn/∂θ)·v with the graph kept, so the caller's backward is a double backward."""
+    with _math_attention():
+        out = fn()
+        if out.numel() != 1:
+            raise ValueError("method='exact' needs a scalar fn; use 'fd' or 'jvp' for tensors")
+        grads = torch.autograd.grad(out, list(params), create_graph=True, allow_unused=True)
+    total = _wide(out.new_zeros(()))
+    for g, v in zip(grads, unit, strict=True):
+        if g is not None:
+            total = total + (_wide(g) * v.to(g.device)).sum()
+    return total
+
+
+def _layer_norm_by_primitives(x: Tensor, normalized_shape: Sequence[int],
+                              weight: Tensor | None = None, bias: Tensor | None = None,
+                              eps: float = 1e-5) -> Tensor:
+    dims = tuple(range(-len(normalized_shape), 0))
+    mean = x.mean(dims, keepdim=True)
+    centred = x - mean
+    y = centred * torch.rsqrt(centred.square().mean(dims, keepdim=True) + eps)
+    if weight is not None:
+        y = y * weight
+    return y + bias if bias is not None else y
+
+
+class _DecomposedLayerNorm(TorchFunctionMode):
+    """Runs ``F.layer_norm`` as mean/var/rsqrt primitives.
+
+    The fused kernel's forward-AD formula reads its saved mean/rstd, which reverse mode
+    treats as constants, so backpropagating a jvp tangent through it silently drops terms
+    (the designer gradient was off by ~cos 0.94 on a tiny ViT). Primitives are exact.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: Any = (),
+                           kwargs: Any = None) -> Any:
+        kwargs = kwargs or {}
+        if func is F.layer_norm:
+            return _layer_norm_by_primitives(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+class _Closure(nn.Module):
+    """Lets ``functional_call`` swap parameters of ``inner`` while an arbitrary closure runs."""
+
+    def __init__(self, inner: nn.Module, fn: Callable[[], Tensor]) -> None:
+        super().__init__()
+        self.inner = inner
+        self.fn = fn
+
+    def forward(self) -> Tensor:
+        return self.fn()
+
+
+def _param_names(module: nn.Module, params: Sequence[Tensor]) -> list[str]:
+    by_id = {id(p): name for name, p in module.named_parameters(remove_duplicate=False)}
+    missing = [i for i, p in enumerate(params) if id(p) not in by_id]
+    if missing:
+        raise ValueError(f"params {missing} are not parameters of the given module")
+    return [by_id[id(p)] for p in params]
+
+
+def _jvp(fn: Callable[[], Tensor], params: Sequence[Tensor], unit: Sequence[Tensor],
+         module: nn.Module | None) -> Tensor:
+    """Forward-mode tangent of fn along v; differentiable w.r.t. the closure's other inputs.
+
+    Chosen over ``torch.autograd.forward_ad`` because ``torch.func.functional_call`` is the
+    public way to substitute dual tensors for a module's parameters; ``fn`` keeps calling
+    the module as usual and sees the substituted tensors. Primals are detached, so the
+    result carries no gradient to ``params`` (reverse-over-forward reaches the designer only).
+    """
+    if module is None:
+        raise ValueError("method='jvp' needs the module that owns params (module=...)")
+    wrapper = _Closure(module, fn)
+    names = [f"inner.{n}" for n in _param_names(module, params)]
+
+    def call(*tensors: Tensor) -> Tensor:
+        return functional_call(wrapper, dict(zip(names, tensors, strict=True)), (), strict=False)
+
+    primals = tuple(p.detach() for p in params)
+    tangents = tuple(v.to(device=p.device, dtype=p.dtype)
+                     for p, v in zip(params, unit, strict=True))
+    with _math_attention(), _DecomposedLayerNorm():
+        out, tangent = torch.func.jvp(call, primals, tangents)
+    # functorch can promote a tangent to fp64 where Python scalars meet 0-dim tensors
+    # (e.g. `w * loss` sums); the primal's dtype is the one the caller expects.
+    return _wide(tangent.to(out.dtype))
+
+
+# -------------------------------------------------------------------------------- API
+def directional_derivative(
+    fn: Callable[[], Tensor],
+    params: Sequence[nn.Parameter] | Sequence[Tensor],
+    direction: Sequence[Tensor],
+    method: str = "fd",
+    eps: float = 1e-3,
+    module: nn.Module | None = None,
+) -> Tensor:
+    """≈ d/dε fn() at params + ε·v, ε = 0, with v = direction / ‖direction‖ (joint norm).
+
+    ``fn`` is a zero-argument closure returning a tensor (a scalar loss for vision,
+    per-token log-probabilities for the LM; ``exact`` needs a scalar). The result has
+    fn's shape, is at least fp32, and stays differentiable w.r.t. fn's inputs other than ``params``.
+    Multiply by ``unit_direction(direction)[1]`` (‖direction‖) for ``directionᵀ∇θ fn``.
+
+    - ``fd``: central difference with step ``eps·max(‖θ‖, 1)`` (θ = ``params`` jointly);
+      parameters edited under no_grad from a saved copy and restored bitwise; RNG state
+      replayed so both passes draw the same dropout/drop-path masks; graph reaches the
+      designer only (params detached during the passes).
+    - ``exact``: ``autograd.grad(fn(), params, create_graph=True)`` dotted with v.
+    - ``jvp``: ``torch.func.jvp`` through ``functional_call``; needs ``module`` (any module
+      owning every tensor in ``params``).
+
+    ``exact`` and ``jvp`` run attention on the math SDPA backend.
+
+    Caveats (fd): activation checkpointing must be off for the blocks owning ``params``
+    (its backward recomputes them with the restored θ, not θ±εv); under FSDP the norms
+    of ``direction`` and θ here are per-shard, so a sharded caller must pass a
+    direction already normalised globally and accept a per-shard ε (not handled yet).
+    Low-precision params (bf16) realise the step only up to their rounding.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    params = list(params)
+    _check_shapes(params, direction)
+    unit, _ = unit_direction(direction)
+    if method == "fd":
+        return _central_difference(fn, params, unit, eps)
+    if method == "exact":
+        return _exact(fn, params, unit)
+    return _jvp(fn, params, unit, module)
+
+
+def directional_derivative_split(
+    trunk_fn: Callable[[], Any],
+    head_fn: Callable[[Any], Tensor],
+    params: Sequence[nn.Parameter] | Sequence[Tensor],
+    direction: Sequence[Tensor],
+    eps: float = 1e-3,
+) -> Tensor:
+    """fd with the trunk shared: ``trunk_fn`` runs once, ``head_fn`` at θ_S ± εv.
+
+    ``trunk_fn`` computes everything that does not depend on ``params`` (activations
+    below the aligned blocks, with grad to the designer); ``head_fn`` maps them to the
+    output. Both head graphs feed the same trunk outputs, so the caller's backward goes
+    through the trunk once. Equals ``directional_derivative(lambda: head_fn(trunk_fn()),
+    ..., method="fd")`` when ``trunk_fn`` does not read ``params``. RNG note: the trunk's
+    draws happen once, before the replayed head passes.
+    """
+    params = list(params)
+    _check_shapes(params, direction)
+    unit, _ = unit_direction(direction)
+    acts = trunk_fn()
+    return _central_difference(lambda: head_fn(acts), params, unit, eps)
+
+
+def aligned_parameters(backbone: nn.Module, n_last_blocks: int) -> list[nn.Parameter]:
+    """The last ``n_last_blocks`` blocks' parameters plus the final norm's (aligned set S).
+
+    This is ``value.align_last_n_blocks`` in the config.
+
+    Takes any module with ``.model.blocks`` and ``.model.norm`` (a DDP wrapper is unwrapped).
+    """
+    backbone = getattr(backbone, "module", backbone)
+    blocks = backbone.model.blocks
+    if not 1 <= n_last_blocks <= len(blocks):
+        raise ValueError(f"n_last_blocks must be in [1, {len(blocks)}], got {n_last_blocks}")
+    params: list[nn.Parameter] = []
+    for block in list(blocks)[-n_last_blocks:]:
+        params += list(block.parameters())
+    params += list(backbone.model.norm.parameters())
+    return params

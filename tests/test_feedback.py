@@ -1,0 +1,212 @@
+"""Feedback pools, heads and g_down (designers/feedback.py) on a tiny CPU ViT."""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+
+import pytest
+import torch
+
+from designers.feedback import (
+    FEEDBACK_INDEX_OFFSET,
+    FeedbackConfig,
+    FeedbackHeads,
+    FeedbackPools,
+    aligned_parameters,
+    downstream_gradient,
+    feedback_losses,
+)
+from dinov.config import load_config
+from dinov.data.synthetic import render_scenes, write_layout
+from dinov.models import Backbone, build_backbone
+from eval.seg_head import backbone_feature_map
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+SIZE = 32
+
+
+def tiny_backbone() -> Backbone:
+    torch.manual_seed(0)
+    cfg = load_config(ROOT / "configs" / "smoke.yaml")
+    return build_backbone(cfg.model)
+
+
+def tiny_cfg(**overrides: object) -> FeedbackConfig:
+    base = dict(
+        image_size=SIZE, synthetic_head_pool=32, synthetic_meta_pool=16, head_lr=1e-2,
+        head_batch_size=16, meta_batch_size=8, head_steps=5, depth_n_bins=32, seed=3,
+    )  # fmt: skip
+    base.update(overrides)
+    return FeedbackConfig(**base)  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def backbone() -> Backbone:
+    return tiny_backbone()
+
+
+@pytest.fixture(scope="module")
+def pools() -> FeedbackPools:
+    return FeedbackPools(tiny_cfg())
+
+
+def snapshot(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict(keep_vars=True).items()
+            if isinstance(v, torch.Tensor)}  # fmt: skip
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def rows(images: torch.Tensor) -> set[bytes]:
+    return {img.numpy().tobytes() for img in images}
+
+
+def test_pools_disjoint_and_deterministic(pools: FeedbackPools) -> None:
+    again = FeedbackPools(tiny_cfg())
+    for task in ("seg", "depth"):
+        for name in ("head", "meta"):
+            assert torch.equal(getattr(pools, task)[name].images, getattr(again, task)[name].images)
+            assert torch.equal(getattr(pools, task)[name].targets, getattr(again, task)[name].targets)
+        assert not rows(getattr(pools, task)["head"].images) & rows(getattr(pools, task)["meta"].images)
+    assert len(pools.seg["head"]) == 32 and len(pools.seg["meta"]) == 16
+    # Feedback scenes come from the reserved index range, never the pretraining one (0..).
+    expected = render_scenes(2, SIZE, 3, FEEDBACK_INDEX_OFFSET).images
+    assert torch.equal(pools.seg["head"].images[:2], (expected * 255).round().to(torch.uint8))
+    pretrain = (render_scenes(64, SIZE, 3).images * 255).round().to(torch.uint8)
+    assert not rows(pretrain) & rows(pools.seg["head"].images)
+    # Labels: synthetic 1..10 -> 0..9; batches are deterministic given the generator.
+    assert int(pools.seg["head"].targets.max()) <= 9
+    b1 = pools.sample("meta", 8, torch.Generator().manual_seed(1))
+    b2 = pools.sample("meta", 8, torch.Generator().manual_seed(1))
+    assert torch.equal(b1.seg_images, b2.seg_images) and b1.depth_images is b1.seg_images
+    assert b1.seg_labels.dtype == torch.long and b1.depth.shape == (8, SIZE, SIZE)
+
+
+def test_seg_features_match_backbone_feature_map(backbone: Backbone, pools: FeedbackPools) -> None:
+    from designers.feedback import _features
+
+    batch = pools.sample("head", 4, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = _features(backbone, batch, [backbone.num_blocks - 1])["seg"]
+        ref = backbone_feature_map(backbone, batch.seg_images, 1)
+    torch.testing.assert_close(ours, ref)
+
+
+def test_fit_lowers_head_losses(backbone: Backbone, pools: FeedbackPools) -> None:
+    heads = FeedbackHeads(backbone, tiny_cfg(), pools.num_classes)
+    batch = pools.sample("head", 32, torch.Generator().manual_seed(0))
+    before = {k: float(v.detach()) for k, v in feedback_losses(backbone, heads, batch).items()}
+    params = snapshot(backbone)
+    heads.fit(backbone, pools, steps=40)
+    after = {k: float(v.detach()) for k, v in feedback_losses(backbone, heads, batch).items()}
+    assert after["seg"] < 0.8 * before["seg"], (before, after)
+    assert after["depth"] < 0.8 * before["depth"], (before, after)
+    assert_bitwise_equal(params, snapshot(backbone))
+    assert all(p.grad is None for p in backbone.parameters())
+    # The optimizer state is part of the heads' state_dict and restores.
+    state = heads.state_dict()
+    clone = FeedbackHeads(backbone, tiny_cfg(), pools.num_classes)
+    clone.load_state_dict(state)
+    assert clone.fit_steps == 40
+    opt_a, opt_b = heads.optimizer.state_dict()["state"], clone.optimizer.state_dict()["state"]
+    assert opt_a.keys() == opt_b.keys() and len(opt_a) > 0
+    for k in opt_a:
+        assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"])
+
+
+@pytest.fixture(scope="module")
+def fitted(backbone: Backbone, pools: FeedbackPools) -> FeedbackHeads:
+    heads = FeedbackHeads(backbone, tiny_cfg(), pools.num_classes)
+    heads.fit(backbone, pools, steps=10)
+    return heads
+
+
+def meta_batch(pools: FeedbackPools):  # noqa: ANN201
+    return pools.sample("meta", 8, torch.Generator().manual_seed(5))
+
+
+def test_g_down_shapes_finite_and_nothing_changes(
+    backbone: Backbone, pools: FeedbackPools, fitted: FeedbackHeads
+) -> None:
+    params = aligned_parameters(backbone, 2)
+    n_expected = sum(1 for b in list(backbone.model.blocks)[-2:] for _ in b.parameters()) + 2
+    assert len(params) == n_expected
+    backbone.train()
+    fitted.train()
+    before_b, before_h = snapshot(backbone), snapshot(fitted)
+    g = downstream_gradient(backbone, fitted, meta_batch(pools), params, tiny_cfg())
+    assert [t.shape for t in g] == [p.shape for p in params]
+    assert all(torch.isfinite(t).all() for t in g)
+    assert sum(float(t.norm()) for t in g) > 0
+    assert all(not t.requires_grad for t in g)
+    assert_bitwise_equal(before_b, snapshot(backbone))
+    assert_bitwise_equal(before_h, snapshot(fitted))  # BN running stats included
+    assert all(p.grad is None for p in backbone.parameters())
+    assert backbone.training and fitted.training  # modes restored
+
+
+def flat(ts: list[torch.Tensor]) -> torch.Tensor:
+    return torch.cat([t.reshape(-1) for t in ts])
+
+
+def test_random_mode_same_norm_near_orthogonal(
+    backbone: Backbone, pools: FeedbackPools, fitted: FeedbackHeads
+) -> None:
+    params = aligned_parameters(backbone, 2)
+    batch = meta_batch(pools)
+    real = flat(downstream_gradient(backbone, fitted, batch, params, tiny_cfg()))
+    cfg = tiny_cfg(mode="random")
+    r1 = flat(downstream_gradient(backbone, fitted, batch, params, cfg, torch.Generator().manual_seed(7)))
+    r1b = flat(downstream_gradient(backbone, fitted, batch, params, cfg, torch.Generator().manual_seed(7)))
+    torch.testing.assert_close(r1, r1b)  # seeded
+    torch.testing.assert_close(r1.norm(), real.norm(), rtol=1e-5, atol=0)
+    assert abs(float(torch.nn.functional.cosine_similarity(r1, real, dim=0))) < 0.05
+    # Default generator: fresh direction on every call.
+    r2 = flat(downstream_gradient(backbone, fitted, batch, params, cfg))
+    r3 = flat(downstream_gradient(backbone, fitted, batch, params, cfg))
+    assert abs(float(torch.nn.functional.cosine_similarity(r2, r3, dim=0))) < 0.05
+
+
+def test_alpha_depth_zero_is_seg_only_gradient(
+    backbone: Backbone, pools: FeedbackPools, fitted: FeedbackHeads
+) -> None:
+    params = aligned_parameters(backbone, 2)
+    batch = meta_batch(pools)
+    g = downstream_gradient(backbone, fitted, batch, params, tiny_cfg(alpha_depth=0.0))
+    fitted.eval()
+    seg = feedback_losses(backbone, fitted, batch)["seg"]
+    ref = torch.autograd.grad(seg, params)
+    for a, b in zip(g, ref, strict=True):
+        torch.testing.assert_close(a, b)
+    both = downstream_gradient(backbone, fitted, batch, params, tiny_cfg(alpha_seg=2.0))
+    depth_only = downstream_gradient(backbone, fitted, batch, params, tiny_cfg(alpha_seg=0.0))
+    torch.testing.assert_close(flat(both), 2.0 * flat(g) + flat(depth_only), rtol=1e-4, atol=1e-7)
+
+
+def test_real_source_from_layouts(tmp_path: pathlib.Path, backbone: Backbone) -> None:
+    write_layout(tmp_path / "ade", "ade20k", 14, seed=1, size=40)
+    write_layout(tmp_path / "nyu", "nyu", 10, seed=2, size=40)
+    cfg = dataclasses.replace(
+        tiny_cfg(), source="real", ade20k_root=str(tmp_path / "ade"),
+        nyu_split_file=str(tmp_path / "nyu" / "nyu_train.txt"),
+        seg_head_pool=6, seg_meta_pool=3, depth_head_pool=4, depth_meta_pool=2,
+    )  # fmt: skip
+    pools = FeedbackPools(cfg)
+    assert pools.num_classes == 150
+    assert not rows(pools.seg["head"].images) & rows(pools.seg["meta"].images)
+    assert not rows(pools.depth["head"].images) & rows(pools.depth["meta"].images)
+    again = FeedbackPools(cfg)
+    assert torch.equal(pools.depth["meta"].targets, again.depth["meta"].targets)
+    heads = FeedbackHeads(backbone, cfg, pools.num_classes)
+    heads.fit(backbone, pools, steps=2)
+    batch = pools.sample("meta", 2, torch.Generator().manual_seed(0))
+    assert batch.depth_images is not batch.seg_images
+    g = downstream_gradient(backbone, heads, batch, aligned_parameters(backbone, 2), cfg)
+    assert all(torch.isfinite(t).all() for t in g) and float(flat(g).norm()) > 0
+    with pytest.raises(ValueError, match="cannot fill"):
+        FeedbackPools(dataclasses.replace(cfg, seg_head_pool=100))

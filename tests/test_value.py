@@ -1,0 +1,195 @@
+"""designers.value: fd and jvp against exact on a tiny DINO/iBOT student, plus invariants.
+
+The stand-in designer is a learnable per-image brightness φ: every view of image i is
+scaled by (1 + φ_i), so the student loss, and hence V, depends on φ. Teacher targets are
+precomputed (no grad) on the undesigned views, as a designer step does.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import pytest
+import torch
+from torch import Tensor
+
+from designers.value import (
+    aligned_parameters,
+    directional_derivative,
+    directional_derivative_split,
+    unit_direction,
+)
+from dinov.config import load_config
+from dinov.data.masking import sample_block_masks
+from dinov.train.meta_arch import SSLMetaArch, TeacherTargets
+from dinov.train.task import Task
+
+BATCH = 4
+
+
+def cosine(a: Tensor, b: Tensor) -> float:
+    return float(torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0))
+
+
+def designed(task: Task, phi: Tensor) -> Task:
+    """Scale each image's views by (1 + φ_i); views are view-major (rows v*B + i)."""
+    g = (1 + phi).repeat(task.n_global).view(-1, 1, 1, 1)
+    loc = (1 + phi).repeat(task.n_local).view(-1, 1, 1, 1)
+    return Task(task.student_global * g, task.teacher_global, task.local * loc, task.masks,
+                task.n_global, task.n_local)
+
+
+@pytest.fixture(scope="module")
+def setup() -> tuple[SSLMetaArch, Task, TeacherTargets]:
+    torch.manual_seed(0)
+    cfg = load_config("configs/smoke.yaml", ["model.depth=3", "model.drop_path_rate=0.2"])
+    meta = SSLMetaArch(cfg)
+    meta.train()  # drop-path active: fd must replay the same draws in both passes
+    g, loc = cfg.crops.global_crops_size, cfg.crops.local_crops_size
+    n_local = cfg.crops.local_crops_number
+    grid = meta.backbone.patch_grid(g, g)
+    masks = sample_block_masks(2 * BATCH, grid, cfg.masks, torch.Generator().manual_seed(0))
+    images = torch.rand(2 * BATCH, 3, g, g)
+    task = Task(images, images, torch.rand(n_local * BATCH, 3, loc, loc), masks, 2, n_local)
+    targets = meta.teacher_targets(task, teacher_temp=0.04)
+    return meta, task, targets
+
+
+def random_direction(params: list[torch.nn.Parameter], seed: int = 1) -> list[Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen) for p in params]
+
+
+def value_and_grad(meta: SSLMetaArch, task: Task, targets: TeacherTargets, method: str,
+                   n_blocks: int = 2) -> tuple[Tensor, Tensor]:
+    params = aligned_parameters(meta.backbone, n_blocks)
+    phi = torch.zeros(BATCH, requires_grad=True)
+    torch.manual_seed(123)  # same drop-path draws for every method
+
+    def fn() -> Tensor:
+        return meta.student_losses(designed(task, phi), targets)["total"]
+
+    value = directional_derivative(fn, params, random_direction(params), method=method,
+                                   module=meta.student)
+    (grad,) = torch.autograd.grad(value, phi)
+    return value.detach(), grad
+
+
+def state_copy(meta: SSLMetaArch) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in meta.state_dict(keep_vars=True).items()}
+
+
+@pytest.mark.parametrize("method", ["fd", "jvp"])
+def test_designer_gradient_matches_exact(setup, method: str) -> None:
+    meta, task, targets = setup
+    v_exact, g_exact = value_and_grad(meta, task, targets, "exact")
+    v, g = value_and_grad(meta, task, targets, method)
+    assert g_exact.abs().max() > 1e-4  # the check is not vacuous
+    assert cosine(g, g_exact) >= 0.99
+    assert torch.allclose(v, v_exact, rtol=1e-2, atol=1e-4)
+    assert torch.allclose(g, g_exact, rtol=5e-2, atol=1e-2 * float(g_exact.abs().max()))
+
+
+@pytest.mark.parametrize("method", ["fd", "exact", "jvp"])
+def test_params_and_buffers_unchanged(setup, method: str) -> None:
+    meta, task, targets = setup
+    before = state_copy(meta)
+    flags = [p.requires_grad for p in meta.parameters()]
+    value_and_grad(meta, task, targets, method)
+    after = meta.state_dict()
+    assert before.keys() == after.keys()
+    for key in before:
+        assert torch.equal(before[key], after[key]), key
+    assert [p.requires_grad for p in meta.parameters()] == flags
+    if method != "exact":  # fd and jvp cut params out of V's graph: no learner grads
+        assert all(p.grad is None for p in meta.parameters())
+    meta.zero_grad(set_to_none=True)
+
+
+def test_fd_advances_the_callers_rng_as_one_pass(setup) -> None:
+    # Both fd passes replay one RNG state (the drop-path agreement with exact above
+    # depends on it); afterwards the caller's stream must be where one pass leaves it.
+    meta, task, targets = setup
+    params = aligned_parameters(meta.backbone, 1)
+
+    def fn() -> Tensor:
+        return meta.student_losses(task, targets)["total"]
+
+    torch.manual_seed(7)
+    value = directional_derivative(fn, params, random_direction(params))
+    after_fd = torch.rand(8)
+    torch.manual_seed(7)
+    fn()
+    after_one = torch.rand(8)
+    assert torch.isfinite(value)
+    assert torch.equal(after_fd, after_one)
+
+
+def test_split_equals_plain_fd(setup) -> None:
+    meta, task, targets = setup
+    backbone, head = meta.student["backbone"], meta.student["dino_head"]
+    n_aligned = 2
+    start = backbone.num_blocks - n_aligned
+    params = aligned_parameters(backbone, n_aligned)
+    direction = random_direction(params, seed=3)
+    phi = torch.zeros(BATCH, requires_grad=True)
+
+    def trunk() -> object:
+        views = designed(task, phi).student_global
+        return backbone.run_blocks(backbone.prepare_tokens(views), 0, start)
+
+    def head_fn(state: object) -> Tensor:
+        out = backbone.finalize(backbone.run_blocks(state, start))  # type: ignore[arg-type]
+        logits = head(out.cls).float().unflatten(0, (task.n_global, -1))
+        return meta.dino_loss(logits, targets.dino_probs, n_global=task.n_global)
+
+    meta.eval()  # no drop-path: the trunk's draws would differ between the two layouts
+    try:
+        v_plain = directional_derivative(lambda: head_fn(trunk()), params, direction)
+        (g_plain,) = torch.autograd.grad(v_plain, phi)
+        v_split = directional_derivative_split(trunk, head_fn, params, direction)
+        (g_split,) = torch.autograd.grad(v_split, phi)
+    finally:
+        meta.train()
+    assert torch.equal(v_plain, v_split)
+    assert torch.allclose(g_plain, g_split, rtol=1e-5, atol=1e-7)
+    assert g_plain.abs().max() > 0
+
+
+def quadratic(a: Tensor, x: Tensor, w: Tensor) -> Callable[[], Tensor]:
+    return lambda: 0.5 * w @ a @ w + (x * w).sum() * x.sum()
+
+
+def test_exact_and_fd_on_quadratic_match_analytic() -> None:
+    gen = torch.Generator().manual_seed(0)
+    m = torch.randn(5, 5, generator=gen, dtype=torch.float64)
+    a = m @ m.T
+    w = torch.nn.Parameter(torch.randn(5, generator=gen, dtype=torch.float64))
+    x = torch.randn(5, generator=gen, dtype=torch.float64, requires_grad=True)
+    d = torch.randn(5, generator=gen, dtype=torch.float64)
+    unit, norm = unit_direction([d])
+    assert math.isclose(float(norm), float(d.norm()), rel_tol=1e-6)
+    v = (d / d.norm()).to(torch.float64)
+    fn = quadratic(a, x, w)
+    # f = ½wᵀAw + (xᵀw)(Σx): ∇_w f = Aw + x·Σx, so V = vᵀAw + (xᵀv)(Σx), ∂V/∂x = v·Σx + xᵀv.
+    expected = v @ a @ w + (x @ v) * x.sum()
+    expected_grad = v * x.sum() + (x @ v)
+    for method in ("exact", "fd"):
+        value = directional_derivative(fn, [w], [d], method=method)
+        (grad,) = torch.autograd.grad(value, x)
+        tol = 1e-10 if method == "exact" else 1e-4  # fd evaluates fn in its dtype, diffs in fp32
+        assert torch.allclose(value.double(), expected, rtol=tol, atol=tol), method
+        assert torch.allclose(grad, expected_grad.detach(), rtol=tol, atol=tol), method
+
+
+def test_bad_arguments() -> None:
+    w = torch.nn.Parameter(torch.ones(3))
+    with pytest.raises(ValueError, match="non-zero"):
+        directional_derivative(lambda: w.sum(), [w], [torch.zeros(3)])
+    with pytest.raises(ValueError, match="shape"):
+        directional_derivative(lambda: w.sum(), [w], [torch.ones(4)])
+    with pytest.raises(ValueError, match="method"):
+        directional_derivative(lambda: w.sum(), [w], [torch.ones(3)], method="bogus")
+    with pytest.raises(ValueError, match="module"):
+        directional_derivative(lambda: w.sum(), [w], [torch.ones(3)], method="jvp")
