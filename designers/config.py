@@ -1,0 +1,76 @@
+"""Typed configuration of a V-pretraining run: the learner's :class:`~dinov.config.Config`
+plus the designer, the value estimator and the feedback (DESIGN.md section 3).
+
+Choice-valued keys are listed in :data:`V_CHOICES`; pass it as ``choices=`` to
+:func:`dinov.config.load_config` / :func:`dinov.cli.parse_config` so that a wrong value
+is a :class:`~dinov.config.ConfigError` naming the key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from designers.feedback import MODES, SOURCES, FeedbackConfig
+from designers.value import METHODS
+from dinov.config import Config
+
+DESIGNER_KINDS = ("none", "mask", "augment")
+
+
+@dataclass
+class DesignerConfig:
+    """The task designer and its meta steps.
+
+    ``kind``: ``none`` (the baseline: default multicrop, through the same hook),
+    ``mask`` (soft-mask U-Net on the student's global views) or ``augment``
+    (per-instance reparameterised augmentation of the global views). A meta step runs
+    at steps ``burn_in, burn_in + every, ...``; before ``burn_in`` the learner sees the
+    default views. ``apply_to_teacher`` also feeds the designed views to the teacher
+    (mask designer; default: student views only). The ``lambda_*``/``kappa`` weights are
+    the regularisers' (sparsity/TV for masks, prior/entropy for augmentations).
+    """
+
+    kind: str = "none"
+    every: int = 4
+    burn_in: int = 0
+    lr: float = 3e-4
+    kappa: float = 0.5
+    lambda_sparsity: float = 0.2
+    lambda_tv: float = 0.08
+    lambda_prior: float = 1.0
+    lambda_entropy: float = 0.01
+    apply_to_teacher: bool = False
+
+    def __post_init__(self) -> None:
+        if self.every < 1:
+            raise ValueError(f"designer.every must be >= 1, got {self.every}")
+        if self.burn_in < 0:
+            raise ValueError(f"designer.burn_in must be >= 0, got {self.burn_in}")
+
+
+@dataclass
+class ValueConfig:
+    """The value estimator: ``method`` of the directional derivative (fd|jvp|exact), the
+    aligned set S (last ``align_last_n_blocks`` blocks + final norm) and the fd step."""
+
+    method: str = "fd"
+    align_last_n_blocks: int = 2
+    eps: float = 1e-3
+
+
+@dataclass
+class VConfig(Config):
+    """A complete V-pretraining run: learner + designer + value + feedback."""
+
+    designer: DesignerConfig = field(default_factory=DesignerConfig)
+    value: ValueConfig = field(default_factory=ValueConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+
+# merged with dinov.config's own choices by load_config
+V_CHOICES: dict[str, tuple[str, ...]] = {
+    "designer.kind": DESIGNER_KINDS,
+    "value.method": METHODS,
+    "feedback.mode": MODES,
+    "feedback.source": SOURCES,
+}

@@ -1,0 +1,255 @@
+"""V-pretraining's meta step as a :class:`~dinov.train.task.StepHook` (DESIGN.md section 3).
+
+:class:`DesignerHook` owns the designer network and its Adam optimizer, the feedback
+pools and heads, and the calibration records. Around each learner step it
+
+- before the step: builds the designed task from the trainer's default task; every
+  ``designer.every`` steps after ``designer.burn_in`` it first takes a meta step:
+  (1) fit the feedback heads on frozen student features, (2) ``g_down`` on a feedback
+  meta batch (``feedback.mode=random`` swaps in a random direction of the same norm),
+  (3) ``V = ‖g_down‖·∂_v L_pre(θ_S; designed views)`` and an Adam step of the designer
+  on ``−V + R(φ)``. The returned task is the one V was evaluated on; the trainer
+  detaches it, so nothing of the feedback reaches the learner except through the views.
+- after the step: the one-step calibration, predicted ``ΔL_down = −lr·V`` against the
+  realised change of ``L_down`` on the same meta batch, and its Pearson r.
+
+``designer.kind=none`` returns the trainer's task unchanged and builds nothing, so the
+baseline runs through this same code path and is bitwise the plain learner.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from designers.config import VConfig
+from designers.feedback import (
+    FeedbackBatch,
+    FeedbackHeads,
+    FeedbackPools,
+    downstream_gradient,
+    feedback_losses,
+)
+from designers.masks import SoftMaskDesigner
+from designers.value import aligned_parameters, directional_derivative, unit_direction
+from designers.views import AugmentationDesigner
+from dinov.train.task import StepHook, Task
+
+if TYPE_CHECKING:
+    from dinov.train.trainer import Trainer
+
+
+def pearson_r(x: list[float], y: list[float]) -> float:
+    """Pearson correlation of two equal-length lists; nan below 3 points or with no spread."""
+    if len(x) != len(y) or len(x) < 3:
+        return math.nan
+    a = torch.tensor(x, dtype=torch.float64)
+    b = torch.tensor(y, dtype=torch.float64)
+    a, b = a - a.mean(), b - b.mean()
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else math.nan
+
+
+def weighted_feedback_loss(backbone: nn.Module, heads: FeedbackHeads, batch: FeedbackBatch,
+                           alpha_seg: float, alpha_depth: float) -> float:
+    """L_down = α_seg·L_seg + α_depth·L_depth on ``batch`` (no grad): the calibration target."""
+    weights = {"seg": alpha_seg, "depth": alpha_depth}
+    with torch.no_grad():
+        losses = feedback_losses(backbone, heads, batch)
+    return float(sum(weights[k] * float(v) for k, v in losses.items()))
+
+
+class DesignerHook(StepHook):
+    """The designer, its meta steps and the calibration diagnostic (see the module docstring)."""
+
+    def __init__(self, cfg: VConfig) -> None:
+        self.cfg = cfg
+        self.kind = cfg.designer.kind
+        self.designer: nn.Module | None = None
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.pools: FeedbackPools | None = None
+        self.heads: FeedbackHeads | None = None
+        # meta batches have their own stream: the learner's RNG is not consumed by sampling
+        self.meta_generator = torch.Generator().manual_seed(cfg.feedback.seed + 2)
+        self.predicted: list[float] = []
+        self.realised: list[float] = []
+        self.last_v = math.nan
+        self.meta_steps = 0
+        self.last_head_losses: dict[str, float] = {}
+        self._pending: tuple[FeedbackBatch, float, float] | None = None  # (meta batch, L_down, V)
+        self._loaded: dict[str, Any] | None = None
+
+    # ----- construction ----------------------------------------------------------------
+    def _build_designer(self) -> nn.Module:
+        if self.kind == "mask":
+            return SoftMaskDesigner()
+        return AugmentationDesigner(self.cfg.crops, view="global1")
+
+    def setup(self, trainer: Trainer) -> None:
+        """Build designer, optimizer, pools and heads once the learner exists.
+
+        Under a forked, fixed-seed RNG: building them must not move the learner's random
+        stream (the learner of a designed run then starts exactly like the baseline's).
+        """
+        if self.kind == "none" or self.designer is not None:
+            return
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.cfg.feedback.seed)
+            self.designer = self._build_designer().to(trainer.device)
+            self.pools = FeedbackPools(self.cfg.feedback)
+            self.heads = FeedbackHeads(trainer.model.backbone, self.cfg.feedback,
+                                       self.pools.num_classes)
+        self.optimizer = torch.optim.Adam(self.designer.parameters(), lr=self.cfg.designer.lr)
+        if self._loaded is not None:
+            self._apply_state(self._loaded)
+            self._loaded = None
+
+    # ----- designed views ----------------------------------------------------------------
+    def design(self, images: Tensor, task: Task) -> tuple[Task, Tensor]:
+        """The designed task (with graph to the designer) and the designer's regulariser."""
+        assert self.designer is not None
+        d = self.cfg.designer
+        if isinstance(self.designer, SoftMaskDesigner):
+            views, mu = self.designer(task.student_global)
+            teacher = task.teacher_global
+            reg = SoftMaskDesigner.regulariser(mu, d.kappa, d.lambda_sparsity, d.lambda_tv)
+            if d.apply_to_teacher:
+                teacher_views, teacher_mu = self.designer(task.teacher_global)
+                teacher = teacher_views
+                reg = reg + SoftMaskDesigner.regulariser(teacher_mu, d.kappa, d.lambda_sparsity,
+                                                         d.lambda_tv)
+            return dataclasses.replace(task, student_global=views, teacher_global=teacher), reg
+        # augmentation designer: every global view drawn from the source images, view-major
+        source = images.to(task.student_global.device)
+        size = self.cfg.crops.global_crops_size
+        outs = [self.designer(source, size) for _ in range(task.n_global)]
+        views = torch.cat([v for v, _ in outs])
+        reg = torch.stack([self.designer.regulariser(p, d.lambda_prior, d.lambda_entropy)
+                           for _, p in outs]).mean()
+        return dataclasses.replace(task, student_global=views, teacher_global=views), reg
+
+    def is_meta_step(self, step: int) -> bool:
+        d = self.cfg.designer
+        return self.kind != "none" and step >= d.burn_in and (step - d.burn_in) % d.every == 0
+
+    def before_step(self, trainer: Trainer, step: int, images: Tensor, task: Task) -> Task:
+        self._pending = None
+        if self.kind == "none":
+            return task
+        self.setup(trainer)
+        if step < self.cfg.designer.burn_in:
+            return task
+        if self.is_meta_step(step):
+            return self.meta_step(trainer, step, images, task)
+        with torch.no_grad():
+            return self.design(images, task)[0]
+
+    # ----- the meta step -------------------------------------------------------------------
+    def meta_step(self, trainer: Trainer, step: int, images: Tensor, task: Task) -> Task:
+        """Stages (1)-(3); returns the designed task V was evaluated on (graph attached)."""
+        assert self.heads is not None and self.pools is not None
+        cfg = self.cfg
+        backbone = trainer.model.backbone
+        self.last_head_losses = self.heads.fit(backbone, self.pools)  # (1) frozen features
+        aligned = aligned_parameters(backbone, cfg.value.align_last_n_blocks)
+        batch = self.pools.sample("meta", cfg.feedback.meta_batch_size, self.meta_generator)
+        batch = batch.to(trainer.device)
+        g_down = downstream_gradient(backbone, self.heads, batch, aligned, cfg.feedback)  # (2)
+        l_down = weighted_feedback_loss(backbone, self.heads, batch,
+                                        cfg.feedback.alpha_seg, cfg.feedback.alpha_depth)
+        designed, reg = self.design(images, task)  # (3)
+        value = self.value(trainer, step, designed, aligned, g_down)
+        self._designer_update(-value + reg)
+        self.last_v = float(value.detach())
+        self.meta_steps += 1
+        self._pending = (batch, l_down, self.last_v)
+        return designed
+
+    def value(self, trainer: Trainer, step: int, designed: Task, aligned: list[nn.Parameter],
+              g_down: list[Tensor]) -> Tensor:
+        """V = ‖g_down‖·d/dε L_pre(θ_S + ε·ĝ) ≈ g_downᵀ∇θ_S L_pre.
+
+        Differentiable in the designer; the teacher targets are a no-grad constant.
+        """
+        model = trainer.model
+        temp = trainer.schedules.at(step)["teacher_temp"]
+        # the teacher is a constant: targets once, before the perturbed passes
+        with torch.no_grad():
+            targets = model.teacher_targets(designed, temp)
+        _, norm = unit_direction(g_down)
+        deriv = directional_derivative(
+            lambda: model.student_losses(designed, targets)["total"], aligned, g_down,
+            method=self.cfg.value.method, eps=self.cfg.value.eps, module=model.student)
+        return norm.to(deriv.dtype) * deriv
+
+    def _designer_update(self, loss: Tensor) -> None:
+        """One Adam step of the designer only.
+
+        ``autograd.grad`` on the designer's parameters: the learner's ``.grad`` is never
+        written (a plain ``backward`` would fill the student's non-aligned weights' grads).
+        """
+        assert self.designer is not None and self.optimizer is not None
+        params = [p for p in self.designer.parameters() if p.requires_grad]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        for p, g in zip(params, grads, strict=True):
+            p.grad = torch.zeros_like(p) if g is None else g
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    # ----- calibration ---------------------------------------------------------------------
+    def after_step(self, trainer: Trainer, step: int, task: Task,
+                   losses: dict[str, Tensor]) -> dict[str, float]:
+        if self.kind == "none":
+            return {}
+        if self._pending is not None:
+            assert self.heads is not None
+            batch, before, value = self._pending
+            fb = self.cfg.feedback
+            after = weighted_feedback_loss(trainer.model.backbone, self.heads, batch,
+                                           fb.alpha_seg, fb.alpha_depth)
+            self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
+            self.realised.append(after - before)
+            self._pending = None
+        return {"calibration_r": pearson_r(self.predicted, self.realised),
+                "designer_V": self.last_v, "designer_meta_steps": float(self.meta_steps)}
+
+    # ----- checkpointing -------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        if self.kind == "none":
+            return {}
+        if self.designer is None:  # not built yet (no step taken): carry a loaded state on
+            return dict(self._loaded or {})
+        assert self.optimizer is not None and self.heads is not None
+        return {
+            "designer": self.designer.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "heads": self.heads.state_dict(),
+            "meta_generator": self.meta_generator.get_state(),
+            "predicted": list(self.predicted),
+            "realised": list(self.realised),
+            "last_v": self.last_v,
+            "meta_steps": self.meta_steps,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if not state:
+            return
+        if self.designer is None:
+            self._loaded = state  # applied by setup(), once the learner's backbone exists
+            return
+        self._apply_state(state)
+
+    def _apply_state(self, state: dict[str, Any]) -> None:
+        assert self.designer is not None and self.optimizer is not None and self.heads is not None
+        self.designer.load_state_dict(state["designer"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.heads.load_state_dict(state["heads"])
+        self.meta_generator.set_state(state["meta_generator"])
+        self.predicted = list(state["predicted"])
+        self.realised = list(state["realised"])
+        self.last_v = float(state["last_v"])
+        self.meta_steps = int(state["meta_steps"])

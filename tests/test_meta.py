@@ -1,0 +1,204 @@
+"""V-pretraining's meta step (designers.meta): runs end to end, the feedback never reaches
+the learner's gradient, the baseline is the plain learner, the random control, resume."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from designers.config import V_CHOICES, VConfig
+from designers.meta import DesignerHook, pearson_r
+from designers.train import main
+from dinov.checkpoint import latest_checkpoint, load_checkpoint
+from dinov.config import load_config
+from dinov.train.task import StepHook, Task
+from dinov.train.trainer import Trainer
+
+VSMOKE = "configs/vsmoke.yaml"
+QUIET = ["probe.enabled=false", "train.plots=false", "train.progress=none"]
+
+
+def vcfg(tmp_path, *overrides: str) -> VConfig:
+    return load_config(VSMOKE, [f"output_dir={tmp_path}", *QUIET, *overrides],
+                       schema=VConfig, choices=V_CHOICES)
+
+
+def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+class Capture(StepHook):
+    """Records the (detached) task the designer hook returned and the learner's grads then."""
+
+    def __init__(self) -> None:
+        self.tasks: list[Task] = []
+        self.grads_none: list[bool] = []
+
+    def before_step(self, trainer, step, images, task):
+        self.tasks.append(task.detached())
+        self.grads_none.append(all(p.grad is None for p in trainer.model.student.parameters()))
+        return task
+
+
+def first_batch(trainer: Trainer) -> torch.Tensor:
+    return next(trainer.stream.iterate(0))
+
+
+def test_cli_run_changes_designer_and_fits_heads(tmp_path):
+    cfg = vcfg(tmp_path / "a", "train.steps=4")
+    hook = DesignerHook(cfg)
+    trainer = Trainer(cfg, hooks=[hook])
+    hook.setup(trainer)
+    before = params_of(hook.designer)
+    trainer.fit()
+    after = params_of(hook.designer)
+    assert any(not torch.equal(before[k], after[k]) for k in before), "designer did not move"
+    assert hook.meta_steps == 2  # steps 0 and 2 with every=2
+    assert hook.heads.fit_steps == 2 * cfg.feedback.head_steps
+    assert math.isfinite(hook.last_v)
+    # the command line path, in process; 6 steps = 3 meta steps = a defined Pearson r
+    out = tmp_path / "cli"
+    results = main(["--config", VSMOKE, f"output_dir={out}", "train.steps=6", *QUIET])
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["designer_meta_steps"] == 3.0
+    assert math.isfinite(saved["calibration_r"]) and -1.0 <= saved["calibration_r"] <= 1.0
+    assert results["calibration_r"] == saved["calibration_r"]
+
+
+def test_feedback_never_reaches_the_learner_update(tmp_path):
+    """THE INVARIANT: the V-step's learner update equals bitwise a plain learner step on the
+    same detached designed views in a trainer that has no feedback data at all."""
+    cfg = vcfg(tmp_path / "v", "train.steps=2")
+    hook, capture = DesignerHook(cfg), Capture()
+    designed = Trainer(cfg, hooks=[hook, capture])
+    images = first_batch(designed)
+    designed.train_step(images)
+    assert hook.meta_steps == 1  # step 0 was a meta step
+    assert capture.grads_none == [True]  # the meta step left no .grad on the learner
+    task = capture.tasks[0]
+
+    plain_cfg = load_config("configs/smoke.yaml", [f"output_dir={tmp_path / 'p'}", *QUIET])
+    plain = Trainer(plain_cfg)
+    plain.learner_step(task, plain.schedules.at(0))
+    a, b = params_of(designed.model), params_of(plain.model)
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_designed_views_are_not_the_default_views(tmp_path):
+    cfg = vcfg(tmp_path, "train.steps=2")
+    hook, capture = DesignerHook(cfg), Capture()
+    trainer = Trainer(cfg, hooks=[hook, capture])
+    images = first_batch(trainer)
+    torch.manual_seed(5)
+    default = trainer.build_task(images)
+    torch.manual_seed(5)
+    trainer.train_step(images)
+    designed = capture.tasks[0]
+    assert not torch.equal(designed.student_global, default.student_global)
+    assert torch.equal(designed.teacher_global, default.teacher_global)  # student views only
+    assert torch.equal(designed.local, default.local)
+
+
+def test_kind_none_is_the_plain_learner_bitwise(tmp_path):
+    cfg = vcfg(tmp_path / "none", "designer.kind=none", "train.steps=3")
+    hooked = Trainer(cfg, hooks=[DesignerHook(cfg)])
+    hooked.fit()
+    plain = Trainer(load_config("configs/smoke.yaml",
+                                [f"output_dir={tmp_path / 'plain'}", "train.steps=3", *QUIET]))
+    plain.fit()
+    a, b = params_of(hooked.model), params_of(plain.model)
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def _one_meta_step(tmp_path, mode: str) -> tuple[DesignerHook, dict[str, torch.Tensor]]:
+    cfg = vcfg(tmp_path / mode, f"feedback.mode={mode}", "train.steps=1")
+    hook = DesignerHook(cfg)
+    trainer = Trainer(cfg, hooks=[hook])
+    hook.setup(trainer)
+    start = params_of(hook.designer)
+    trainer.train_step(first_batch(trainer))
+    return hook, start
+
+
+def test_random_feedback_control_gives_a_different_designer_update(tmp_path):
+    real, real_start = _one_meta_step(tmp_path, "real")
+    rand, rand_start = _one_meta_step(tmp_path, "random")
+    for key in real_start:  # same initial designer ...
+        assert torch.equal(real_start[key], rand_start[key]), key
+    assert real.meta_steps == rand.meta_steps == 1
+    assert math.isfinite(rand.last_v) and rand.last_v != real.last_v
+    real_end, rand_end = params_of(real.designer), params_of(rand.designer)
+    # ... through the same code, a different update
+    assert any(not torch.equal(real_end[k], rand_end[k]) for k in real_end)
+    assert any(not torch.equal(rand_end[k], rand_start[k]) for k in rand_end)
+
+
+def test_resume_restores_the_hook_state_bitwise(tmp_path):
+    common = ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    Trainer(vcfg(straight, *common), hooks=[DesignerHook(vcfg(straight, *common))]).fit()
+    stop = vcfg(resumed, *common, "train.stop_at_step=2")
+    Trainer(stop, hooks=[DesignerHook(stop)]).fit()
+    again = vcfg(resumed, *common, "train.resume=true")
+    hook = DesignerHook(again)
+    Trainer(again, hooks=[hook]).fit()
+    a = load_checkpoint(latest_checkpoint(straight / "checkpoints"))["hooks"][0]
+    b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))["hooks"][0]
+    assert a["meta_steps"] == b["meta_steps"] == 2
+    assert a["predicted"] == b["predicted"] and a["realised"] == b["realised"]
+    for part in ("designer", "heads"):
+        for key, value in a[part].items():
+            if isinstance(value, torch.Tensor):
+                assert torch.equal(value, b[part][key]), (part, key)
+    for pid, state in a["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
+    # a direct round trip: state loaded before the hook is built is applied at setup
+    fresh = DesignerHook(again)
+    fresh.load_state_dict(hook.state_dict())
+    fresh.setup(Trainer(again))
+    for key, value in params_of(hook.designer).items():
+        assert torch.equal(value, params_of(fresh.designer)[key]), key
+    assert fresh.predicted == hook.predicted and fresh.meta_steps == hook.meta_steps
+
+
+def test_pearson_r():
+    assert math.isnan(pearson_r([1.0, 2.0], [1.0, 2.0]))
+    assert abs(pearson_r([1.0, 2.0, 3.0], [2.0, 4.0, 6.5]) - 0.9986) < 1e-3
+    assert abs(pearson_r([1.0, 2.0, 3.0], [3.0, 2.0, 1.0]) + 1.0) < 1e-12
+
+
+@pytest.mark.parametrize("overrides", [
+    ("designer.kind=augment",),
+    ("value.method=jvp",),
+    ("value.method=exact", "designer.apply_to_teacher=true"),
+])
+def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
+    cfg = vcfg(tmp_path, "train.steps=1", *overrides)
+    hook, capture = DesignerHook(cfg), Capture()
+    trainer = Trainer(cfg, hooks=[hook, capture])
+    hook.setup(trainer)
+    start = params_of(hook.designer)
+    assert trainer.train_step(first_batch(trainer)) is not None
+    assert hook.meta_steps == 1 and math.isfinite(hook.last_v)
+    assert capture.grads_none == [True]
+    end = params_of(hook.designer)
+    assert any(not torch.equal(start[k], end[k]) for k in start)
+    task = capture.tasks[0]
+    size = cfg.crops.global_crops_size
+    assert task.student_global.shape == (task.n_global * task.batch_size, 3, size, size)
+    if cfg.designer.apply_to_teacher:
+        # the teacher sees the same designed views (the default task gives both the same input)
+        assert torch.equal(task.teacher_global, task.student_global)
+
+
+def test_bad_designer_kind_is_a_clean_cli_error(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--config", VSMOKE, "designer.kind=bogus"])
+    assert exit_info.value.code == 2
+    assert "designer.kind" in capsys.readouterr().err
