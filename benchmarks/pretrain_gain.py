@@ -23,6 +23,7 @@ import torch
 from omegaconf import OmegaConf
 
 import dinov  # noqa: F401  (torchvision shim first)
+from dinov.config import ModelConfig
 from dinov.data.synthetic import write_layout
 from dinov.models import build_backbone
 from eval.common import resolve_model_config
@@ -31,7 +32,7 @@ from eval.common import resolve_model_config
 def initial_backbone_file(checkpoint: pathlib.Path, out: pathlib.Path) -> tuple[pathlib.Path, list[str]]:
     """The run's initial backbone as a timm file, and the model.* overrides that build it."""
     model_cfg = resolve_model_config(OmegaConf.to_object(OmegaConf.merge(
-        OmegaConf.structured(dinov.config.ModelConfig), {"weights": str(checkpoint)})))
+        OmegaConf.structured(ModelConfig), {"weights": str(checkpoint)})))
     saved = OmegaConf.create(torch.load(checkpoint, map_location="cpu", weights_only=True)["config"])
     torch.manual_seed(int(saved.train.seed))
     init_cfg = OmegaConf.merge(OmegaConf.structured(model_cfg), {"weights": None})
