@@ -40,14 +40,7 @@ DINOV2, DINOV3 = "vit_small_patch14_dinov2", "vit_small_patch16_dinov3"
 PNGS = ("per_class_iou.png", "predictions.png", "loss.png")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # These tensors are tiny: a second OpenMP thread only adds synchronisation, which
-    # costs 100x on a loaded 2-core machine.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
 
 @pytest.fixture(scope="module")
