@@ -82,6 +82,23 @@ def load_checkpoint(path: str | pathlib.Path) -> dict[str, Any]:
         raise RuntimeError(f"checkpoint {path} could not be read: {error}") from error
 
 
+def load_tensor_file(path: str | pathlib.Path) -> Any:
+    """``torch.load(weights_only=True)`` that memory-maps the file when it can.
+
+    Reading a saved config, or only the backbone out of a training checkpoint that also
+    holds the other network, the heads and the optimizer state, then touches only the
+    tensors used instead of reading the whole file. The mapping is private, so in-place
+    edits never reach the file. Files in torch's legacy (non-zip) format cannot be mapped
+    and are read whole.
+    """
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as error:
+        if "mmap can only be used" not in str(error):
+            raise
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG a run draws from, in types ``torch.load(weights_only=True)`` accepts."""
     kind, keys, pos, has_gauss, cached = np.random.get_state()

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from torch import Tensor
 from tqdm import tqdm
 
+from dinov.checkpoint import load_tensor_file
 from dinov.config import ModelConfig, save_config
 from dinov.models import Backbone, build_backbone, load_backbone_weights
 
@@ -32,8 +33,12 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _checkpoint_model_config(path: pathlib.Path) -> ModelConfig | None:
-    """The ModelConfig saved in one of our training checkpoints, or None for other files."""
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    """The ModelConfig saved in one of our training checkpoints, or None for other files.
+
+    Called for every eval run (and by feature-cache keys): the file is memory-mapped, so
+    reading the config string does not read the checkpoint's tensors.
+    """
+    raw = load_tensor_file(path)
     if not (isinstance(raw, dict) and isinstance(raw.get("config"), str) and "model" in raw):
         return None
     saved = OmegaConf.create(raw["config"]).get("model")

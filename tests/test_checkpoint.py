@@ -66,3 +66,16 @@ def test_sigkill_during_write_leaves_previous_checkpoint(tmp_path):
     assert latest is not None and latest.name == "checkpoint_00000001.pt"
     state = load_checkpoint(latest)
     assert state["step"] == 1 and torch.equal(state["w"], torch.arange(10.0))
+
+
+def test_load_tensor_file_maps_privately_and_reads_legacy_files(tmp_path):
+    from dinov.checkpoint import load_tensor_file
+
+    path = tmp_path / "zip.pt"
+    torch.save({"w": torch.zeros(4)}, path)
+    mapped = load_tensor_file(path)
+    mapped["w"] += 1  # copy-on-write: the file must not change
+    assert torch.equal(load_tensor_file(path)["w"], torch.zeros(4))
+    legacy = tmp_path / "legacy.pt"
+    torch.save({"w": torch.arange(3.0)}, legacy, _use_new_zipfile_serialization=False)
+    assert torch.equal(load_tensor_file(legacy)["w"], torch.arange(3.0))

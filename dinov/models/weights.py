@@ -42,6 +42,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from dinov.checkpoint import load_tensor_file
 from dinov.models.backbone import Backbone
 
 FORMATS = ("auto", "dinov2", "dinov3", "timm", "ours")
@@ -87,7 +88,7 @@ def load_backbone_weights(
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"weights file not found: {path}")
-    raw = torch.load(path, map_location="cpu", weights_only=True)
+    raw = load_tensor_file(path)
     state, prefix, ignored = _select_state(raw, key, path)
     state, unchunked = _unchunk_blocks(state)
     fmt = _detect_format(state) if fmt == "auto" else fmt
