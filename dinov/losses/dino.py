@@ -100,8 +100,9 @@ def _check_centering(centering: str) -> None:
         raise ValueError(f"unknown centering {centering!r}; expected one of {CENTERINGS}")
 
 
-class DINOLoss(nn.Module):
-    """Cross-entropy between teacher targets of the global crops and all student crops."""
+class CenteredCrossEntropy(nn.Module):
+    """What the DINO and iBOT losses share: the student temperature and the teacher center
+    (a buffer, updated only by :meth:`update_center`, used by softmax centering)."""
 
     center: Tensor
 
@@ -112,6 +113,18 @@ class DINOLoss(nn.Module):
         self.student_temp = student_temp
         self.center_momentum = center_momentum
         self.register_buffer("center", torch.zeros(1, out_dim))
+
+    def student_log_probs(self, student_logits: Tensor) -> Tensor:
+        return F.log_softmax(student_logits.float() * (1.0 / self.student_temp), dim=-1)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits: Tensor) -> None:
+        """EMA of the teacher's mean logits over all rows on all ranks."""
+        _ema_center_update(self.center, teacher_logits, self.center_momentum)
+
+
+class DINOLoss(CenteredCrossEntropy):
+    """Cross-entropy between teacher targets of the global crops and all student crops."""
 
     def teacher_probs(
         self, teacher_logits: Tensor, teacher_temp: float, centering: str, n_iterations: int = 3
@@ -143,13 +156,8 @@ class DINOLoss(nn.Module):
                 f"at least one cross-view pair, got "
                 f"teacher {tuple(teacher_probs.shape)} and student {tuple(student_logits.shape)}"
             )
-        log_probs = F.log_softmax(student_logits.float() * (1.0 / self.student_temp), dim=-1)
+        log_probs = self.student_log_probs(student_logits)
         # (teacher crop, student crop) matrix of batch-mean cross-entropies in one contraction.
         ce = -torch.einsum("tbk,sbk->ts", teacher_probs.float(), log_probs) / batch
         same_view = torch.eye(n_global, n_student, dtype=torch.bool, device=ce.device)
         return ce.masked_fill(same_view, 0.0).sum() / n_pairs
-
-    @torch.no_grad()
-    def update_center(self, teacher_logits: Tensor) -> None:
-        """EMA of the teacher's batch-mean logits (used by softmax centering only)."""
-        _ema_center_update(self.center, teacher_logits, self.center_momentum)

@@ -10,30 +10,19 @@ weighted, is the caller's business.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
 from dinov.losses.dino import (
+    CenteredCrossEntropy,
     _all_reduce,
     _check_centering,
-    _ema_center_update,
     _sinkhorn_knopp,
     softmax_center_teacher,
 )
 
 
-class IBOTPatchLoss(nn.Module):
+class IBOTPatchLoss(CenteredCrossEntropy):
     """Weighted cross-entropy between teacher and student distributions of masked patches."""
-
-    center: Tensor
-
-    def __init__(
-        self, out_dim: int, student_temp: float = 0.1, center_momentum: float = 0.9
-    ) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.register_buffer("center", torch.zeros(1, out_dim))
 
     def teacher_probs(
         self,
@@ -78,11 +67,6 @@ class IBOTPatchLoss(nn.Module):
                 f"{tuple(student_patch_logits.shape)}, {tuple(teacher_probs.shape)}, "
                 f"{tuple(sample_weights.shape)}"
             )
-        log_probs = F.log_softmax(student_patch_logits.float() * (1.0 / self.student_temp), dim=-1)
+        log_probs = self.student_log_probs(student_patch_logits)
         ce = -(teacher_probs.float() * log_probs).sum(dim=-1)
         return (sample_weights.float() * ce).sum()
-
-    @torch.no_grad()
-    def update_center(self, teacher_patch_logits: Tensor) -> None:
-        """EMA of the mean teacher logits over the masked patches of all ranks."""
-        _ema_center_update(self.center, teacher_patch_logits, self.center_momentum)
