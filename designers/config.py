@@ -14,7 +14,7 @@ from designers.feedback import MODES, SOURCES, FeedbackConfig
 from designers.value import METHODS
 from dinov.config import Config
 
-DESIGNER_KINDS = ("none", "mask", "augment")
+DESIGNER_KINDS = ("none", "mask", "augment", "token_mask")
 
 
 @dataclass
@@ -22,12 +22,16 @@ class DesignerConfig:
     """The task designer and its meta steps.
 
     ``kind``: ``none`` (the baseline: default multicrop, through the same hook),
-    ``mask`` (soft-mask U-Net on the student's global views) or ``augment``
-    (per-instance reparameterised augmentation of the global views). A meta step runs
-    at steps ``burn_in, burn_in + every, ...``; before ``burn_in`` the learner sees the
-    default views. ``apply_to_teacher`` also feeds the designed views to the teacher
+    ``mask`` (soft-mask U-Net on the student's global views), ``augment``
+    (per-instance reparameterised augmentation of the global views) or ``token_mask``
+    (which patches iBOT masks, at the default task's per-crop mask counts). A meta step
+    runs at steps ``burn_in, burn_in + every, ...``; before ``burn_in`` the learner sees
+    the default views. ``fixed`` is the fixed-designer control: the designer at its
+    initialisation shapes every task and is never updated (no meta step, no feedback
+    data loaded). ``apply_to_teacher`` also feeds the designed views to the teacher
     (mask designer; default: student views only). The ``lambda_*``/``kappa`` weights are
-    the regularisers' (sparsity/TV for masks, prior/entropy for augmentations).
+    the regularisers' (sparsity/TV for masks, prior/entropy for augmentations);
+    ``token_temperature`` is the token-mask designer's relaxation temperature.
     """
 
     kind: str = "none"
@@ -40,6 +44,8 @@ class DesignerConfig:
     lambda_prior: float = 1.0
     lambda_entropy: float = 0.01
     apply_to_teacher: bool = False
+    fixed: bool = False
+    token_temperature: float = 0.5
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -50,12 +56,26 @@ class DesignerConfig:
 
 @dataclass
 class ValueConfig:
-    """The value estimator: ``method`` of the directional derivative (fd|jvp|exact), the
-    aligned set S (last ``align_last_n_blocks`` blocks + final norm) and the fd step."""
+    """The value estimator.
+
+    ``method`` of the directional derivative (fd|jvp|exact); the aligned set S (last
+    ``align_last_n_blocks`` blocks + final norm); the fd step ``eps`` (relative to ‖θ_S‖).
+    ``batch_size``: V is evaluated on the first ``batch_size`` images of the learner's
+    batch (the unlabelled meta batch; 0 = the whole batch); the learner still trains on
+    the designed views of every image. ``recompute`` (fd only): recompute the trunk and
+    the perturbed passes in the backward instead of keeping their graphs (less memory,
+    more time; see :func:`designers.value.directional_derivative_split`).
+    """
 
     method: str = "fd"
     align_last_n_blocks: int = 2
     eps: float = 1e-3
+    batch_size: int = 0
+    recompute: bool = False
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 0:
+            raise ValueError(f"value.batch_size must be >= 0, got {self.batch_size}")
 
 
 @dataclass

@@ -15,6 +15,13 @@ pools and heads, and the calibration records. Around each learner step it
 
 ``designer.kind=none`` returns the trainer's task unchanged and builds nothing, so the
 baseline runs through this same code path and is bitwise the plain learner.
+``designer.fixed=true`` (the fixed-designer control) applies the designer at its
+initialisation to every task and never takes a meta step (no feedback data is loaded).
+
+Cost: with ``value.method=fd`` the value runs split at the aligned blocks
+(:meth:`SSLMetaArch.student_trunk` + :func:`directional_derivative_split`): the trunk
+once, only the aligned blocks and heads at θ_S ± εv; ``value.batch_size`` evaluates V on
+the first images of the batch only.
 """
 
 from __future__ import annotations
@@ -34,8 +41,13 @@ from designers.feedback import (
     downstream_gradient,
     feedback_losses,
 )
-from designers.masks import SoftMaskDesigner
-from designers.value import aligned_parameters, directional_derivative, unit_direction
+from designers.masks import SoftMaskDesigner, TokenMaskDesigner
+from designers.value import (
+    aligned_parameters,
+    directional_derivative,
+    directional_derivative_split,
+    unit_direction,
+)
 from designers.views import AugmentationDesigner
 from dinov.train.task import StepHook, Task
 
@@ -84,9 +96,12 @@ class DesignerHook(StepHook):
         self._loaded: dict[str, Any] | None = None
 
     # ----- construction ----------------------------------------------------------------
-    def _build_designer(self) -> nn.Module:
+    def _build_designer(self, trainer: Trainer) -> nn.Module:
         if self.kind == "mask":
             return SoftMaskDesigner()
+        if self.kind == "token_mask":
+            return TokenMaskDesigner(trainer.model.backbone.patch_size,
+                                     temperature=self.cfg.designer.token_temperature)
         return AugmentationDesigner(self.cfg.crops, view="global1")
 
     def setup(self, trainer: Trainer) -> None:
@@ -99,10 +114,11 @@ class DesignerHook(StepHook):
             return
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.feedback.seed)
-            self.designer = self._build_designer().to(trainer.device)
-            self.pools = FeedbackPools(self.cfg.feedback)
-            self.heads = FeedbackHeads(trainer.model.backbone, self.cfg.feedback,
-                                       self.pools.num_classes)
+            self.designer = self._build_designer(trainer).to(trainer.device)
+            if not self.cfg.designer.fixed:  # the fixed control never reads feedback
+                self.pools = FeedbackPools(self.cfg.feedback)
+                self.heads = FeedbackHeads(trainer.model.backbone, self.cfg.feedback,
+                                           self.pools.num_classes)
         self.optimizer = torch.optim.Adam(self.designer.parameters(), lr=self.cfg.designer.lr)
         if self._loaded is not None:
             self._apply_state(self._loaded)
@@ -123,6 +139,11 @@ class DesignerHook(StepHook):
                 reg = reg + SoftMaskDesigner.regulariser(teacher_mu, d.kappa, d.lambda_sparsity,
                                                          d.lambda_tv)
             return dataclasses.replace(task, student_global=views, teacher_global=teacher), reg
+        if isinstance(self.designer, TokenMaskDesigner):
+            # which patches are masked is designed; how many per crop stays the default's
+            counts = task.masks.masks.sum(1).float()
+            masks, soft = self.designer(task.student_global, counts / task.masks.masks.shape[1])
+            return dataclasses.replace(task, masks=masks, soft_masks=soft), soft.new_zeros(())
         # augmentation designer: every global view drawn from the source images, view-major
         source = images.to(task.student_global.device)
         size = self.cfg.crops.global_crops_size
@@ -134,7 +155,9 @@ class DesignerHook(StepHook):
 
     def is_meta_step(self, step: int) -> bool:
         d = self.cfg.designer
-        return self.kind != "none" and step >= d.burn_in and (step - d.burn_in) % d.every == 0
+        if self.kind == "none" or d.fixed:
+            return False
+        return step >= d.burn_in and (step - d.burn_in) % d.every == 0
 
     def before_step(self, trainer: Trainer, step: int, images: Tensor, task: Task) -> Task:
         self._pending = None
@@ -162,12 +185,16 @@ class DesignerHook(StepHook):
         l_down = weighted_feedback_loss(backbone, self.heads, batch,
                                         cfg.feedback.alpha_seg, cfg.feedback.alpha_depth)
         designed, reg = self.design(images, task)  # (3)
-        value = self.value(trainer, step, designed, aligned, g_down)
+        value = self.value(trainer, step, self._value_task(designed), aligned, g_down)
         self._designer_update(-value + reg)
         self.last_v = float(value.detach())
         self.meta_steps += 1
         self._pending = (batch, l_down, self.last_v)
         return designed
+
+    def _value_task(self, designed: Task) -> Task:
+        n = self.cfg.value.batch_size
+        return designed if n == 0 else designed.subset(min(n, designed.batch_size))
 
     def value(self, trainer: Trainer, step: int, designed: Task, aligned: list[nn.Parameter],
               g_down: list[Tensor]) -> Tensor:
@@ -176,14 +203,21 @@ class DesignerHook(StepHook):
         Differentiable in the designer; the teacher targets are a no-grad constant.
         """
         model = trainer.model
+        cfg = self.cfg.value
         temp = trainer.schedules.at(step)["teacher_temp"]
         # the teacher is a constant: targets once, before the perturbed passes
         with torch.no_grad():
             targets = model.teacher_targets(designed, temp)
         _, norm = unit_direction(g_down)
-        deriv = directional_derivative(
-            lambda: model.student_losses(designed, targets)["total"], aligned, g_down,
-            method=self.cfg.value.method, eps=self.cfg.value.eps, module=model.student)
+        if cfg.method == "fd":
+            start = model.num_blocks - cfg.align_last_n_blocks
+            trunk, head = model.student_trunk(designed, targets, start)
+            deriv = directional_derivative_split(trunk, head, aligned, g_down, eps=cfg.eps,
+                                                 recompute=cfg.recompute)
+        else:
+            deriv = directional_derivative(
+                lambda: model.student_losses(designed, targets)["total"], aligned, g_down,
+                method=cfg.method, eps=cfg.eps, module=model.student)
         return norm.to(deriv.dtype) * deriv
 
     def _designer_update(self, loss: Tensor) -> None:
@@ -205,6 +239,8 @@ class DesignerHook(StepHook):
                    losses: dict[str, Tensor]) -> dict[str, float]:
         if self.kind == "none":
             return {}
+        if self.cfg.designer.fixed:
+            return {}
         if self._pending is not None:
             assert self.heads is not None
             batch, before, value = self._pending
@@ -223,7 +259,9 @@ class DesignerHook(StepHook):
             return {}
         if self.designer is None:  # not built yet (no step taken): carry a loaded state on
             return dict(self._loaded or {})
-        assert self.optimizer is not None and self.heads is not None
+        assert self.optimizer is not None
+        if self.heads is None:  # the fixed control: the (constant) designer only
+            return {"designer": self.designer.state_dict()}
         return {
             "designer": self.designer.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -244,8 +282,10 @@ class DesignerHook(StepHook):
         self._apply_state(state)
 
     def _apply_state(self, state: dict[str, Any]) -> None:
-        assert self.designer is not None and self.optimizer is not None and self.heads is not None
+        assert self.designer is not None and self.optimizer is not None
         self.designer.load_state_dict(state["designer"])
+        if self.heads is None:
+            return
         self.optimizer.load_state_dict(state["optimizer"])
         self.heads.load_state_dict(state["heads"])
         self.meta_generator.set_state(state["meta_generator"])

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
+from torch.utils.checkpoint import checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
 
@@ -146,23 +147,30 @@ def fd_step(params: Sequence[Tensor], eps: float) -> float:
     return eps * max(float(norm), 1.0)
 
 
+def _perturbed_passes(fn: Callable[[], Tensor], params: Sequence[Tensor], unit: Sequence[Tensor],
+                      step: float, rng: tuple[Tensor, list[Tensor] | None],
+                      signs: tuple[float, ...] = (1.0, -1.0)) -> list[Tensor]:
+    """``fn()`` at θ + s·step·v for each s, each pass from the same RNG state; θ restored."""
+    saved = [p.detach().clone() for p in params]
+    outs = []
+    try:
+        with _detached(params), _snapshot_saved_params(params):
+            for s in signs:
+                _set_rng_state(rng)
+                _set_perturbed(params, saved, unit, s * step)
+                outs.append(_wide(fn()))
+    finally:
+        with torch.no_grad():
+            for p, t in zip(params, saved, strict=True):
+                p.copy_(t)
+    return outs
+
+
 def _central_difference(fn: Callable[[], Tensor], params: Sequence[Tensor],
                         unit: Sequence[Tensor], eps: float) -> Tensor:
     """(fn(θ+hv) − fn(θ−hv)) / 2h with identical RNG draws; params restored bitwise."""
     step = fd_step(params, eps)
-    saved = [p.detach().clone() for p in params]
-    rng = _rng_state()
-    try:
-        with _detached(params), _snapshot_saved_params(params):
-            _set_perturbed(params, saved, unit, step)
-            plus = _wide(fn())
-            _set_rng_state(rng)  # dropout / drop-path masks equal in both passes
-            _set_perturbed(params, saved, unit, -step)
-            minus = _wide(fn())
-    finally:
-        with torch.no_grad():
-            for p, s in zip(params, saved, strict=True):
-                p.copy_(s)
+    plus, minus = _perturbed_passes(fn, params, unit, step, _rng_state())
     return (plus - minus) / (2.0 * step)
 
 
@@ -300,26 +308,85 @@ def directional_derivative(
 
 
 def directional_derivative_split(
-    trunk_fn: Callable[[], Any],
-    head_fn: Callable[[Any], Tensor],
+    trunk_fn: Callable[[], Sequence[Tensor]],
+    head_fn: Callable[..., Tensor],
     params: Sequence[nn.Parameter] | Sequence[Tensor],
     direction: Sequence[Tensor],
     eps: float = 1e-3,
+    recompute: bool = False,
 ) -> Tensor:
     """fd with the trunk shared: ``trunk_fn`` runs once, ``head_fn`` at θ_S ± εv.
 
-    ``trunk_fn`` computes everything that does not depend on ``params`` (activations
-    below the aligned blocks, with grad to the designer); ``head_fn`` maps them to the
-    output. Both head graphs feed the same trunk outputs, so the caller's backward goes
-    through the trunk once. Equals ``directional_derivative(lambda: head_fn(trunk_fn()),
-    ..., method="fd")`` when ``trunk_fn`` does not read ``params``. RNG note: the trunk's
-    draws happen once, before the replayed head passes.
+    ``trunk_fn()`` computes everything that does not depend on ``params`` (activations
+    below the aligned blocks, with grad to the designer) and returns them as a sequence
+    of tensors; ``head_fn(*acts)`` maps them to the output. Both head passes feed the same
+    trunk outputs, so the caller's backward goes through the trunk once. Equals
+    ``directional_derivative(lambda: head_fn(*trunk_fn()), ..., method="fd")`` when
+    ``trunk_fn`` does not read ``params``. RNG note: the trunk's draws happen once, before
+    the replayed head passes.
+
+    ``recompute=True`` trades compute for memory, as activation checkpointing does: the
+    trunk runs under :func:`torch.utils.checkpoint.checkpoint` (its graph is rebuilt in
+    the backward, after the head passes are gone) and the two head passes run without a
+    graph; the backward re-runs each head pass at its own θ_S ± εv, one at a time, to get
+    the gradient at the trunk outputs. Peak memory is then one head graph or the trunk
+    graph, whichever is larger, instead of the trunk graph plus two head graphs; time
+    grows by one trunk forward and two head forwards. Values and gradients equal the
+    non-recomputed ones up to float reassociation. ``trunk_fn`` must then be re-runnable
+    (checkpoint replays its RNG draws).
     """
     params = list(params)
     _check_shapes(params, direction)
     unit, _ = unit_direction(direction)
-    acts = trunk_fn()
-    return _central_difference(lambda: head_fn(acts), params, unit, eps)
+    if not recompute:
+        acts = tuple(trunk_fn())
+        return _central_difference(lambda: head_fn(*acts), params, unit, eps)
+    acts = tuple(checkpoint(lambda: tuple(trunk_fn()), use_reentrant=False))
+    step = fd_step(params, eps)
+    return _RecomputedCentralDifference.apply(head_fn, params, unit, step, *acts)
+
+
+class _RecomputedCentralDifference(torch.autograd.Function):
+    """(head(θ+hv) − head(θ−hv)) / 2h of trunk activations, with no graph kept in between.
+
+    Written by hand because activation checkpointing recomputes with the parameters of
+    the moment of the backward (the restored θ), not the perturbed ones a head pass ran
+    with; here each pass re-sets its own θ_S ± hv before it is recomputed.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, head_fn: Callable[..., Tensor], params: list[Tensor],
+                unit: list[Tensor], step: float, *acts: Tensor) -> Tensor:
+        ctx.head_fn, ctx.params, ctx.unit, ctx.step = head_fn, params, unit, step
+        ctx.rng = _rng_state()
+        ctx.save_for_backward(*acts)
+        with torch.no_grad():
+            plus, minus = _perturbed_passes(lambda: head_fn(*acts), params, unit, step, ctx.rng)
+        return (plus - minus) / (2.0 * step)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
+        acts = ctx.saved_tensors
+        wanted = [i for i, a in enumerate(acts) if ctx.needs_input_grad[4 + i]]
+        grads: list[Tensor | None] = [None] * len(acts)
+        outer_rng = _rng_state()  # the caller's stream must not see the replayed draws
+        try:
+            for sign in (1.0, -1.0):
+                inputs = [a.detach().requires_grad_(i in wanted) for i, a in enumerate(acts)]
+                with torch.enable_grad():
+                    (out,) = _perturbed_passes(lambda: ctx.head_fn(*inputs), ctx.params,
+                                               ctx.unit, ctx.step, ctx.rng, signs=(sign,))
+                scale = grad_out * (sign / (2.0 * ctx.step))
+                got = torch.autograd.grad(out, [inputs[i] for i in wanted], scale.to(out.dtype),
+                                          allow_unused=True)
+                for i, g in zip(wanted, got, strict=True):
+                    if g is not None:
+                        grads[i] = g if grads[i] is None else grads[i] + g
+        finally:
+            _set_rng_state(outer_rng)
+        return (None, None, None, None, *grads)
+
+
 
 
 def aligned_parameters(backbone: nn.Module, n_last_blocks: int) -> list[nn.Parameter]:

@@ -298,6 +298,8 @@ def load_config(
     except MissingMandatoryValue as error:
         raise ConfigError(f"config key '{error.full_key}' is required but has no value "
                           f"(set it in the YAML file or as {error.full_key}=...)") from None
+    except ValueError as error:  # a schema's own range check (__post_init__); names its key
+        raise ConfigError(str(error)) from None
 
 
 def to_yaml(config: Any) -> str:

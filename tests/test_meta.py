@@ -175,8 +175,10 @@ def test_pearson_r():
 
 @pytest.mark.parametrize("overrides", [
     ("designer.kind=augment",),
+    ("designer.kind=token_mask",),
     ("value.method=jvp",),
     ("value.method=exact", "designer.apply_to_teacher=true"),
+    ("value.batch_size=3", "value.recompute=true"),
 ])
 def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
     cfg = vcfg(tmp_path, "train.steps=1", *overrides)
@@ -195,6 +197,65 @@ def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
     if cfg.designer.apply_to_teacher:
         # the teacher sees the same designed views (the default task gives both the same input)
         assert torch.equal(task.teacher_global, task.student_global)
+    if cfg.designer.kind == "token_mask":  # designed positions, the default's count per crop
+        torch.manual_seed(cfg.train.seed)
+        default = Trainer(cfg).build_task(first_batch(trainer))
+        assert task.soft_masks is None  # the learner gets hard masks
+        assert torch.equal(task.masks.masks.sum(1), default.masks.masks.sum(1))
+        assert not torch.equal(task.masks.masks, default.masks.masks)
+
+
+def test_fixed_designer_control(tmp_path):
+    """designer.fixed: the initial designer shapes the views, no meta step, no feedback."""
+    cfg = vcfg(tmp_path, "train.steps=3", "designer.fixed=true")
+    hook, capture = DesignerHook(cfg), Capture()
+    trainer = Trainer(cfg, hooks=[hook, capture])
+    hook.setup(trainer)
+    start = params_of(hook.designer)
+    images = first_batch(trainer)
+    torch.manual_seed(5)
+    default = trainer.build_task(images)
+    torch.manual_seed(5)
+    trainer.train_step(images)
+    assert hook.pools is None and hook.heads is None and hook.meta_steps == 0
+    assert not torch.equal(capture.tasks[0].student_global, default.student_global)
+    for key, value in params_of(hook.designer).items():
+        assert torch.equal(value, start[key]), key
+    assert set(hook.state_dict()) == {"designer"}
+
+
+def test_value_on_a_subset_of_the_batch(tmp_path):
+    """value.batch_size=n evaluates V on the first n images: the subset task's loss is the
+    loss of a task built from those images alone (iBOT weights renormalised)."""
+    cfg = vcfg(tmp_path, "train.steps=1")
+    trainer = Trainer(cfg)
+    torch.manual_seed(0)
+    task = trainer.build_task(first_batch(trainer))
+    sub = task.subset(3)
+    assert sub.batch_size == 3 and sub.n_global == task.n_global
+    views = task.student_global.unflatten(0, (task.n_global, -1))
+    assert torch.equal(sub.student_global, views[:, :3].flatten(0, 1))
+    masks = task.masks.masks.unflatten(0, (task.n_global, -1))[:, :3].flatten(0, 1)
+    assert torch.equal(sub.masks.masks, masks)
+    # DINOv2's weighting: each masked crop sums to 1 / (all crops of the subset)
+    expected = masks.any(1).sum() / masks.shape[0]
+    assert torch.allclose(sub.masks.weights.sum(), expected.float())
+    assert task.subset(task.batch_size) is task
+    with pytest.raises(ValueError, match="subset size"):
+        task.subset(0)
+    model = trainer.model
+    targets = model.teacher_targets(sub, 0.04)
+    assert torch.isfinite(model.student_losses(sub, targets)["total"])
+
+
+def test_float_masks_equal_bool_masks_bitwise(tmp_path):
+    trainer = Trainer(vcfg(tmp_path, "train.steps=1"))
+    torch.manual_seed(0)
+    task = trainer.build_task(first_batch(trainer))
+    backbone = trainer.model.backbone
+    hard = backbone(task.student_global, task.masks.masks)
+    soft = backbone(task.student_global, task.masks.masks.float())
+    assert torch.equal(hard.patch, soft.patch) and torch.equal(hard.cls, soft.cls)
 
 
 def test_bad_designer_kind_is_a_clean_cli_error(capsys):

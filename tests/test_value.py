@@ -7,6 +7,7 @@ precomputed (no grad) on the undesigned views, as a designer step does.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 
@@ -134,19 +135,23 @@ def test_split_equals_plain_fd(setup) -> None:
     params = aligned_parameters(backbone, n_aligned)
     direction = random_direction(params, seed=3)
     phi = torch.zeros(BATCH, requires_grad=True)
+    shell = {}
 
-    def trunk() -> object:
+    def trunk() -> tuple[Tensor]:
         views = designed(task, phi).student_global
-        return backbone.run_blocks(backbone.prepare_tokens(views), 0, start)
+        state = backbone.prepare_tokens(views)
+        shell["state"] = state
+        return (backbone.run_blocks(state, 0, start).x,)
 
-    def head_fn(state: object) -> Tensor:
-        out = backbone.finalize(backbone.run_blocks(state, start))  # type: ignore[arg-type]
+    def head_fn(x: Tensor) -> Tensor:
+        state = dataclasses.replace(shell["state"], x=x)
+        out = backbone.finalize(backbone.run_blocks(state, start))
         logits = head(out.cls).float().unflatten(0, (task.n_global, -1))
         return meta.dino_loss(logits, targets.dino_probs, n_global=task.n_global)
 
     meta.eval()  # no drop-path: the trunk's draws would differ between the two layouts
     try:
-        v_plain = directional_derivative(lambda: head_fn(trunk()), params, direction)
+        v_plain = directional_derivative(lambda: head_fn(*trunk()), params, direction)
         (g_plain,) = torch.autograd.grad(v_plain, phi)
         v_split = directional_derivative_split(trunk, head_fn, params, direction)
         (g_split,) = torch.autograd.grad(v_split, phi)
@@ -155,6 +160,55 @@ def test_split_equals_plain_fd(setup) -> None:
     assert torch.equal(v_plain, v_split)
     assert torch.allclose(g_plain, g_split, rtol=1e-5, atol=1e-7)
     assert g_plain.abs().max() > 0
+
+
+@pytest.mark.parametrize("recompute", [False, True])
+def test_student_trunk_split_matches_plain_fd(setup, recompute: bool) -> None:
+    """SSLMetaArch.student_trunk (DINO + iBOT + KoLeo, local crops, drop-path on): the
+    split value and its designer gradient equal plain fd on student_losses, with and
+    without recomputation; params, buffers and the caller's RNG stream are untouched."""
+    meta, task, targets = setup
+    n_aligned = 2
+    params = aligned_parameters(meta.backbone, n_aligned)
+    direction = random_direction(params, seed=5)
+    before = state_copy(meta)
+
+    def split_value() -> tuple[Tensor, Tensor, Tensor]:
+        phi = torch.zeros(BATCH, requires_grad=True)
+        trunk, head = meta.student_trunk(designed(task, phi), targets, meta.num_blocks - n_aligned)
+        torch.manual_seed(11)
+        value = directional_derivative_split(trunk, head, params, direction, recompute=recompute)
+        (grad,) = torch.autograd.grad(value, phi)
+        return value.detach(), grad, torch.rand(4)  # the stream after value + backward
+
+    phi = torch.zeros(BATCH, requires_grad=True)
+    torch.manual_seed(11)
+    v_plain = directional_derivative(
+        lambda: meta.student_losses(designed(task, phi), targets)["total"], params, direction)
+    (g_plain,) = torch.autograd.grad(v_plain, phi)
+    meta.eval()
+    try:  # the cut at any block is the same function as student_losses
+        for end in (0, 1, meta.num_blocks):
+            trunk, head = meta.student_trunk(task, targets, end)
+            assert torch.allclose(head(*trunk()), meta.student_losses(task, targets)["total"],
+                                  rtol=1e-6, atol=1e-6)
+    finally:
+        meta.train()
+    v, g, _ = split_value()
+    v2, g2, after = split_value()
+    assert g_plain.abs().max() > 1e-5
+    assert torch.allclose(v, v_plain, rtol=1e-4, atol=1e-6)
+    assert cosine(g, g_plain) > 0.999
+    assert torch.equal(v, v2) and torch.equal(g, g2)  # deterministic, RNG replayed
+    torch.manual_seed(11)
+    trunk, head = meta.student_trunk(designed(task, torch.zeros(BATCH)), targets,
+                                     meta.num_blocks - n_aligned)
+    head(*trunk())  # one forward: where a value evaluation leaves the caller's stream
+    assert torch.equal(after, torch.rand(4))
+    after_state = meta.state_dict()
+    for key in before:
+        assert torch.equal(before[key], after_state[key]), key
+    assert all(p.grad is None for p in meta.parameters())
 
 
 def quadratic(a: Tensor, x: Tensor, w: Tensor) -> Callable[[], Tensor]:

@@ -111,11 +111,16 @@ class Backbone(nn.Module):
 
         ``masks`` is (B, h, w) or (B, h*w) bool, True where the patch is masked. As in
         DINOv2, masked patch embeddings are replaced *before* position embeddings are added,
-        so a mask token still knows where it is.
+        so a mask token still knows where it is. A float mask m blends instead,
+        ``x·(1−m) + mask_token·m``: with m in {0, 1} the values equal the bool path exactly,
+        and a straight-through m from a token-mask designer carries its gradient.
         """
         x = self.model.patch_embed(images)  # (B, h, w, D): NHWC because dynamic_img_size
         batch, h, w, _ = x.shape
-        if masks is not None:
+        if masks is not None and masks.is_floating_point():
+            m = self._mask_grid(masks, batch, h, w).to(x.dtype)
+            x = x * (1 - m) + self.mask_token.to(x.dtype) * m
+        elif masks is not None:
             x = torch.where(self._mask_grid(masks, batch, h, w), self.mask_token.to(x.dtype), x)
         if self.is_eva:
             # Eva's _pos_embed also builds the RoPE table for this (h, w) grid.
@@ -127,8 +132,8 @@ class Backbone(nn.Module):
 
     def _mask_grid(self, masks: Tensor, batch: int, h: int, w: int) -> Tensor:
         """Validate and reshape a patch mask to (B, h, w, 1) for broadcasting over channels."""
-        if masks.dtype != torch.bool:
-            raise TypeError(f"masks must be bool, got {masks.dtype}")
+        if masks.dtype != torch.bool and not masks.is_floating_point():
+            raise TypeError(f"masks must be bool or float, got {masks.dtype}")
         if tuple(masks.shape) not in ((batch, h, w), (batch, h * w)):
             raise ValueError(
                 f"masks must have shape {(batch, h, w)} or {(batch, h * w)} for a {h}x{w} "

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -19,6 +21,7 @@ from torch import Tensor, nn
 from dinov.config import Config
 from dinov.losses import DINOLoss, IBOTPatchLoss, KoLeoLoss
 from dinov.models import Backbone, build_backbone, load_backbone_weights
+from dinov.models.backbone import BackboneOutput, TokenState
 from dinov.models.heads import build_head
 from dinov.train.task import Task
 
@@ -99,23 +102,64 @@ class SSLMetaArch(nn.Module):
 
     def student_losses(self, task: Task, targets: TeacherTargets) -> dict[str, Tensor]:
         """DINO, iBOT and KoLeo losses and their weighted ``total``; reads no mutable state."""
-        loss_cfg = self.cfg.loss
         student = self.student
         with autocast_context(self.cfg.train.precision, task.student_global.device):
-            global_out = student["backbone"](task.student_global, task.masks.masks)
-            cls_tokens = [global_out.cls]
+            global_out = student["backbone"](task.student_global, task.student_masks())
+            local_cls = student["backbone"](task.local).cls if task.n_local > 0 else None
+            logits = self._student_logits(global_out, local_cls, task)
+        return self._losses(*logits, global_out.cls, task, targets)
+
+    def student_trunk(self, task: Task, targets: TeacherTargets, end: int) -> tuple[Callable[[], tuple[Tensor, ...]],
+                                                           Callable[..., Tensor]]:
+        """:meth:`student_losses` ``["total"]`` cut after block ``end - 1``, as two closures.
+
+        ``trunk()`` returns the global (masked) and local crops' tokens after blocks
+        ``[0, end)``; ``head(*tokens)`` runs the remaining blocks, the final norm, the heads
+        and the losses. ``head(*trunk())`` is the same function as the total of
+        :meth:`student_losses`, on the unwrapped backbone (no DDP hooks) and in fp32 (a
+        value estimator differences two nearby passes; bf16 rounding would swamp them).
+        """
+        backbone = self.backbone
+        shells: dict[str, TokenState] = {}  # grid and RoPE table of each crop size
+
+        def run(name: str, state: TokenState) -> Tensor:
+            shells[name] = dataclasses.replace(state, x=state.x.new_empty(0))
+            return backbone.run_blocks(state, 0, end).x
+
+        def trunk() -> tuple[Tensor, ...]:
+            tokens = [run("global", backbone.prepare_tokens(task.student_global, task.student_masks()))]
             if task.n_local > 0:
-                cls_tokens.append(student["backbone"](task.local).cls)
-            masked = global_out.patch.flatten(0, 1)[task.masks.indices]
-            dino_logits, ibot_logits = self._heads(student, torch.cat(cls_tokens), masked)
+                tokens.append(run("local", backbone.prepare_tokens(task.local)))
+            return tuple(tokens)
+
+        def rest(state: TokenState, x: Tensor) -> BackboneOutput:
+            return backbone.finalize(backbone.run_blocks(dataclasses.replace(state, x=x), end))
+
+        def head(*tokens: Tensor) -> Tensor:
+            global_out = rest(shells["global"], tokens[0])
+            local_cls = rest(shells["local"], tokens[1]).cls if task.n_local > 0 else None
+            logits = self._student_logits(global_out, local_cls, task)
+            return self._losses(*logits, global_out.cls, task, targets)["total"]
+
+        return trunk, head
+
+    def _student_logits(self, global_out: BackboneOutput, local_cls: Tensor | None,
+                        task: Task) -> tuple[Tensor, Tensor]:
+        cls_tokens = [global_out.cls] if local_cls is None else [global_out.cls, local_cls]
+        masked = global_out.patch.flatten(0, 1)[task.masks.indices]
+        return self._heads(self.student, torch.cat(cls_tokens), masked)
+
+    def _losses(self, dino_logits: Tensor, ibot_logits: Tensor, global_cls: Tensor, task: Task,
+                targets: TeacherTargets) -> dict[str, Tensor]:
+        loss_cfg = self.cfg.loss
         n_crops = task.n_global + task.n_local
         dino = self.dino_loss(dino_logits.unflatten(0, (n_crops, -1)), targets.dino_probs,
                               n_global=task.n_global)
         if ibot_logits.shape[0] > 0:
-            ibot = self.ibot_loss(ibot_logits, targets.ibot_probs, task.masks.weights)
+            ibot = self.ibot_loss(ibot_logits, targets.ibot_probs, task.ibot_weights())
         else:
             ibot = dino_logits.new_zeros(())
-        koleo = sum(self.koleo_loss(c.float()) for c in global_out.cls.chunk(task.n_global))
+        koleo = sum(self.koleo_loss(c.float()) for c in global_cls.chunk(task.n_global))
         total = (loss_cfg.dino_loss_weight * dino + loss_cfg.ibot_loss_weight * ibot
                  + loss_cfg.koleo_loss_weight * koleo)
         return {"total": total, "dino": dino, "ibot": ibot, "koleo": koleo}

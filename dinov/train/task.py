@@ -34,6 +34,9 @@ class Task:
     masks: PatchMasks  # iBOT masks of the student's global views
     n_global: int
     n_local: int
+    # (n_global*B, h*w) float, equal to masks.masks but carrying a token-mask designer's
+    # straight-through gradient; None for the default task
+    soft_masks: Tensor | None = None
 
     @property
     def batch_size(self) -> int:
@@ -46,6 +49,41 @@ class Task:
             student_global=self.student_global.detach(),
             teacher_global=self.teacher_global.detach(),
             local=self.local.detach(),
+            soft_masks=None,  # equal to masks.masks, which the learner then uses
+        )
+
+    def student_masks(self) -> Tensor:
+        """The masks the student's global views are embedded with (soft when designed)."""
+        return self.masks.masks if self.soft_masks is None else self.soft_masks
+
+    def ibot_weights(self) -> Tensor:
+        """iBOT weights of the masked patches; times the soft mask (1 in value) when designed."""
+        if self.soft_masks is None:
+            return self.masks.weights
+        return self.masks.weights * self.soft_masks.flatten()[self.masks.indices]
+
+    def subset(self, n: int) -> Task:
+        """The task of the first ``n`` images only (every view of each), iBOT masks reweighted.
+
+        The iBOT weights are recomputed for the smaller set of crops, so the loss of the
+        subset is the loss the same images would have as a batch of their own.
+        """
+        if not 1 <= n <= self.batch_size:
+            raise ValueError(f"subset size must be in [1, {self.batch_size}], got {n}")
+        if n == self.batch_size:
+            return self
+
+        def first(views: Tensor, n_views: int) -> Tensor:
+            return views.unflatten(0, (n_views, -1))[:, :n].flatten(0, 1)
+
+        masks = PatchMasks.from_masks(first(self.masks.masks, self.n_global))
+        return dataclasses.replace(
+            self,
+            student_global=first(self.student_global, self.n_global),
+            teacher_global=first(self.teacher_global, self.n_global),
+            local=first(self.local, self.n_local) if self.n_local > 0 else self.local,
+            masks=masks,
+            soft_masks=None if self.soft_masks is None else first(self.soft_masks, self.n_global),
         )
 
     def to(self, device: torch.device) -> Task:
@@ -56,6 +94,7 @@ class Task:
             teacher_global=self.teacher_global.to(device, non_blocking=True),
             local=self.local.to(device, non_blocking=True),
             masks=masks,
+            soft_masks=None if self.soft_masks is None else self.soft_masks.to(device),
         )
 
 
