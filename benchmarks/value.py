@@ -1,14 +1,18 @@
-"""Value-estimator benchmark: fd and jvp against exact, on a DINO/iBOT student.
+"""Value-estimator benchmark: fd and jvp against exact on a DINO/iBOT student, and the cost
+of the whole V-pretraining step against the plain DINO step.
 
-Prints one JSON line. Each variant is one designer-gradient evaluation: V along a fixed
-random unit direction in the aligned parameters (last ``--aligned`` blocks + final norm),
-then ``autograd.grad(V, φ)`` for a per-image brightness designer φ, with precomputed
-teacher targets. ``train_step`` is the learner's forward + backward of the same loss (no
-optimizer), the yardstick the design aims at ("a designer step costs little more than
-one training step").
+Prints one JSON line. Each estimator variant is one designer-gradient evaluation: V along
+a fixed random unit direction in the aligned parameters (last ``--aligned`` blocks +
+final norm), then ``autograd.grad(V, φ)`` for a per-image brightness designer φ, with
+precomputed teacher targets. ``train_step`` is the learner's forward + backward of the
+same loss (no optimizer).
 
-- ``fd_split``: fd with the trunk (blocks below the aligned set) run once
-  (:func:`designers.value.directional_derivative_split`), the design's speed trick.
+- ``fd``: the meta step's estimator: central difference split at the aligned blocks
+  (:meth:`SSLMetaArch.student_trunk` + :func:`designers.value.directional_derivative_split`):
+  the trunk once, the aligned blocks and heads at θ_S ± εv.
+- ``fd_recompute``: the same with ``value.recompute=true`` (trunk and perturbed passes
+  recomputed in the backward: less memory, more time).
+- ``fd_plain``: fd over the whole network twice (no split), for reference.
 - ``*_cos``: cosine of the designer gradient against ``exact``.
 - ``*_time_ratio``: median wall time over ``exact``'s (and ``*_over_train_step``).
 - ``*_mem_ratio``: peak memory over ``exact``'s. On CUDA: ``torch.cuda.max_memory_allocated``
@@ -16,6 +20,10 @@ one training step").
   in its own fresh subprocess and the peak is the growth of the process's max RSS
   (``resource.getrusage``) over one evaluation, measured before any other evaluation ran
   there; it includes allocator slack, so treat CPU ratios as approximate.
+- ``vstep_every1_over_dino``, ``vstep_every4_over_dino``: mean time of a training step
+  with the designer hook taking a meta step every 1 / 4 steps (heads fit, g_down, V,
+  designer update, calibration; designed views on every step) over the plain step, in
+  one process, interleaved. Settings: :data:`VSTEP_DEFAULTS` on ``--vstep-config``.
 
 Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 (config overrides on top of ``configs/smoke.yaml``).
@@ -45,45 +53,20 @@ from designers.value import (
 )
 from dinov.config import load_config
 from dinov.data.masking import sample_block_masks
-from dinov.models.backbone import TokenState
-from dinov.train.meta_arch import SSLMetaArch, TeacherTargets
+from dinov.train.meta_arch import SSLMetaArch
 from dinov.train.task import Task
 
-VARIANTS = ("exact", "fd", "fd_split", "jvp", "train_step")
+VARIANTS = ("exact", "fd", "fd_recompute", "fd_plain", "jvp", "train_step")
 DEFAULTS = ["model.depth=8", "model.embed_dim=192", "model.num_heads=6", "data.batch_size=16",
             "head.out_dim=4096", "head.ibot_out_dim=4096", "head.hidden_dim=512",
             "head.bottleneck_dim=128"]
 
 
-def split_losses(meta: SSLMetaArch, task: Task, targets: TeacherTargets, start: int
-                 ) -> tuple[Callable[[], tuple[TokenState, TokenState]],
-                            Callable[[tuple[TokenState, TokenState]], Tensor]]:
-    """``student_losses(task, targets)["total"]`` cut at block ``start`` (fp32 only).
-
-    Mirrors :meth:`SSLMetaArch.student_losses` with the backbone run in stages, so the
-    trunk (blocks below the aligned set) runs once per designer step.
-    """
-    backbone, loss_cfg = meta.backbone, meta.cfg.loss
-
-    def trunk() -> tuple[TokenState, TokenState]:
-        glob = backbone.prepare_tokens(task.student_global, task.masks.masks)
-        return (backbone.run_blocks(glob, 0, start),
-                backbone.run_blocks(backbone.prepare_tokens(task.local), 0, start))
-
-    def head(states: tuple[TokenState, TokenState]) -> Tensor:
-        glob, loc = (backbone.finalize(backbone.run_blocks(s, start)) for s in states)
-        masked = glob.patch.flatten(0, 1)[task.masks.indices]
-        dino_logits, ibot_logits = meta._heads(meta.student, torch.cat([glob.cls, loc.cls]),
-                                               masked)
-        n_crops = task.n_global + task.n_local
-        dino = meta.dino_loss(dino_logits.unflatten(0, (n_crops, -1)), targets.dino_probs,
-                              n_global=task.n_global)
-        ibot = meta.ibot_loss(ibot_logits, targets.ibot_probs, task.masks.weights)
-        koleo = sum(meta.koleo_loss(c.float()) for c in glob.cls.chunk(task.n_global))
-        return (loss_cfg.dino_loss_weight * dino + loss_cfg.ibot_loss_weight * ibot
-                + loss_cfg.koleo_loss_weight * koleo)
-
-    return trunk, head
+# the vstep ratios: the demo's data, crops and feedback with the fd benchmark's model (a
+# 192-wide, 8-block ViT with 4096 prototypes: with the demo's 64-wide ViT the designer
+# U-Net costs as much as the learner, which no real backbone does) and V on 16 of the 64
+# images (the published meta batch is 16-64)
+VSTEP_DEFAULTS = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
 
 
 def build(overrides: list[str], aligned: int, device: torch.device
@@ -114,17 +97,18 @@ def build(overrides: list[str], aligned: int, device: torch.device
         def fn() -> Tensor:
             return meta.student_losses(designed, targets)["total"]
 
-        if variant == "fd_split":
-            trunk, head = split_losses(meta, designed, targets, meta.num_blocks - aligned)
-            value = directional_derivative_split(trunk, head, params, direction)
+        if variant in ("fd", "fd_recompute"):  # the meta step's fd: split at the aligned blocks
+            trunk, head = meta.student_trunk(designed, targets, meta.num_blocks - aligned)
+            value = directional_derivative_split(trunk, head, params, direction,
+                                                 recompute=variant == "fd_recompute")
             (grad,) = torch.autograd.grad(value, phi)
             return grad.detach().cpu()
         if variant == "train_step":
             fn().backward()
             meta.zero_grad(set_to_none=True)
             return torch.zeros(batch)
-        value = directional_derivative(fn, params, direction, method=variant,
-                                       module=meta.student)
+        method = "fd" if variant == "fd_plain" else variant
+        value = directional_derivative(fn, params, direction, method=method, module=meta.student)
         (grad,) = torch.autograd.grad(value, phi)
         meta.zero_grad(set_to_none=True)  # exact's backward also reaches the params
         return grad.detach().cpu()
@@ -164,10 +148,57 @@ def worker(args: argparse.Namespace) -> None:
                 "device": device.type, "threads": torch.get_num_threads()}, args.out)
 
 
+def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2) -> float:
+    """Mean seconds per training step (hooks included) over ``steps`` steps after ``warmup``."""
+    from designers.config import V_CHOICES, VConfig
+    from designers.meta import DesignerHook
+    from dinov.train.trainer import Trainer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = load_config(config, [f"output_dir={tmp}", "probe.enabled=false", "train.plots=false",
+                                   "train.progress=none", *overrides], schema=VConfig,
+                          choices=V_CHOICES)
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, hooks=[DesignerHook(cfg)])
+        batches = trainer.stream.iterate(0)
+        for _ in range(warmup):
+            trainer.train_step(next(batches))
+            trainer.step += 1
+        start = time.perf_counter()
+        for _ in range(steps):
+            trainer.train_step(next(batches))
+            trainer.step += 1
+        return (time.perf_counter() - start) / steps
+
+
+def vstep(args: argparse.Namespace) -> dict[str, float]:
+    """The whole V-pretraining step against the plain step, in one process, interleaved
+    (plain, every 4, every 1, plain again) so that drift of a shared machine cancels."""
+    common = ["designer.burn_in=0", *VSTEP_DEFAULTS, *args.vstep_overrides]
+    plain = ["designer.kind=none", *common]
+    designed = [f"designer.kind={args.vstep_designer}", *common]
+    times = {"plain_a": step_seconds(args.vstep_config, plain, args.vstep_steps),
+             "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"], args.vstep_steps),
+             "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], args.vstep_steps),
+             "plain_b": step_seconds(args.vstep_config, plain, args.vstep_steps)}
+    base = 0.5 * (times["plain_a"] + times["plain_b"])
+    return {"vstep_every1_over_dino": round(times["every1"] / base, 4),
+            "vstep_every4_over_dino": round(times["every4"] / base, 4),
+            "vstep_dino_s": round(base, 4), "vstep_every1_s": round(times["every1"], 4),
+            "vstep_every4_s": round(times["every4"], 4), "vstep_config": args.vstep_config,
+            "vstep_overrides": designed}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--aligned", type=int, default=2)
+    parser.add_argument("--vstep-config", default="configs/vdemo.yaml",
+                        help="V-pretraining config of the vstep_* ratios (the demo's)")
+    parser.add_argument("--vstep-designer", default="mask")
+    parser.add_argument("--vstep-steps", type=int, default=8, help="timed steps per setting")
+    parser.add_argument("--vstep-overrides", nargs="*", default=[],
+                        help="key=value overrides of the vstep config")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
@@ -192,7 +223,7 @@ def main() -> None:
 
     line = {"benchmark": "value", "device": ex["device"], "threads": ex["threads"],
             "aligned_blocks": args.aligned, "overrides": overrides}
-    for name in ("fd", "fd_split", "jvp"):
+    for name in ("fd", "fd_recompute", "fd_plain", "jvp"):
         r = results[name]
         line[f"{name}_vs_exact_cos"] = cos(name)
         line[f"{name}_time_ratio"] = round(r["time"] / ex["time"], 4)
@@ -202,6 +233,7 @@ def main() -> None:
     for name, r in results.items():
         line[f"{name}_s"] = round(r["time"], 4)
         line[f"{name}_peak_mib"] = round(r["peak"] / 2**20, 1)
+    line.update(vstep(args))
     print(json.dumps(line))
     sys.stdout.flush()
 

@@ -443,7 +443,19 @@ def downstream_gradient(
     cfg: FeedbackConfig,
     generator: torch.Generator | None = None,
 ) -> list[Tensor]:
-    """g_down = grad_{aligned_params}(alpha_seg * L_seg + alpha_depth * L_depth) on a meta batch.
+    """g_down only; see :func:`downstream_gradient_and_loss`."""
+    return downstream_gradient_and_loss(backbone, heads, batch, aligned_params, cfg, generator)[0]
+
+
+def downstream_gradient_and_loss(
+    backbone: Backbone,
+    heads: FeedbackHeads,
+    batch: FeedbackBatch,
+    aligned_params: Sequence[nn.Parameter],
+    cfg: FeedbackConfig,
+    generator: torch.Generator | None = None,
+) -> tuple[list[Tensor], Tensor]:
+    """(g_down, L_down) from one forward: L_down the weighted feedback loss (detached), g_down = grad_{aligned_params}(alpha_seg * L_seg + alpha_depth * L_depth) on a meta batch.
 
     Detached tensors shaped like ``aligned_params``. Heads and backbone run in eval mode and
     nothing of theirs changes (no parameter, buffer or ``.grad``). With ``cfg.mode ==
@@ -464,11 +476,12 @@ def downstream_gradient(
         torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)
     ]
     if cfg.mode == "real":
-        return g_down
+        return g_down, total.detach()
     norm = torch.sqrt(sum(g.double().square().sum() for g in g_down))  # type: ignore[arg-type]
     gen = heads.random_generator if generator is None else generator
     # Drawn on the CPU so a seed gives the same direction on every device.
     noise = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
     noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noise))
     scale = float(norm) / max(noise_norm, 1e-30)
-    return [(n * scale).to(device=p.device, dtype=p.dtype) for n, p in zip(noise, params, strict=True)]
+    random = [(n * scale).to(device=p.device, dtype=p.dtype) for n, p in zip(noise, params, strict=True)]
+    return random, total.detach()

@@ -38,7 +38,7 @@ from designers.feedback import (
     FeedbackBatch,
     FeedbackHeads,
     FeedbackPools,
-    downstream_gradient,
+    downstream_gradient_and_loss,
     feedback_losses,
 )
 from designers.masks import SoftMaskDesigner, TokenMaskDesigner
@@ -68,11 +68,12 @@ def pearson_r(x: list[float], y: list[float]) -> float:
 
 def weighted_feedback_loss(backbone: nn.Module, heads: FeedbackHeads, batch: FeedbackBatch,
                            alpha_seg: float, alpha_depth: float) -> float:
-    """L_down = α_seg·L_seg + α_depth·L_depth on ``batch`` (no grad): the calibration target."""
+    """L_down = α_seg·L_seg + α_depth·L_depth on ``batch`` (no grad): the calibration target,
+    summed as :func:`downstream_gradient_and_loss` sums it (its value before the step)."""
     weights = {"seg": alpha_seg, "depth": alpha_depth}
     with torch.no_grad():
         losses = feedback_losses(backbone, heads, batch)
-    return float(sum(weights[k] * float(v) for k, v in losses.items()))
+    return float(torch.stack([weights[k] * v for k, v in losses.items() if weights[k] != 0]).sum())
 
 
 class DesignerHook(StepHook):
@@ -181,20 +182,26 @@ class DesignerHook(StepHook):
         aligned = aligned_parameters(backbone, cfg.value.align_last_n_blocks)
         batch = self.pools.sample("meta", cfg.feedback.meta_batch_size, self.meta_generator)
         batch = batch.to(trainer.device)
-        g_down = downstream_gradient(backbone, self.heads, batch, aligned, cfg.feedback)  # (2)
-        l_down = weighted_feedback_loss(backbone, self.heads, batch,
-                                        cfg.feedback.alpha_seg, cfg.feedback.alpha_depth)
-        designed, reg = self.design(images, task)  # (3)
-        value = self.value(trainer, step, self._value_task(designed), aligned, g_down)
+        g_down, l_down_t = downstream_gradient_and_loss(backbone, self.heads, batch, aligned,
+                                                        cfg.feedback)  # (2)
+        l_down = float(l_down_t)
+        # (3) V on the first value.batch_size images: only their views carry a graph
+        n = self._value_rows(task)
+        designed, reg = self.design(images[:n], task.rows(0, n))
+        value = self.value(trainer, step, designed, aligned, g_down)
         self._designer_update(-value + reg)
+        if n < task.batch_size:
+            with torch.no_grad():
+                rest, _ = self.design(images[n:], task.rows(n, task.batch_size))
+            designed = Task.concat(designed, rest)
         self.last_v = float(value.detach())
         self.meta_steps += 1
         self._pending = (batch, l_down, self.last_v)
         return designed
 
-    def _value_task(self, designed: Task) -> Task:
+    def _value_rows(self, task: Task) -> int:
         n = self.cfg.value.batch_size
-        return designed if n == 0 else designed.subset(min(n, designed.batch_size))
+        return task.batch_size if n == 0 else min(n, task.batch_size)
 
     def value(self, trainer: Trainer, step: int, designed: Task, aligned: list[nn.Parameter],
               g_down: list[Tensor]) -> Tensor:

@@ -224,14 +224,14 @@ def test_fixed_designer_control(tmp_path):
     assert set(hook.state_dict()) == {"designer"}
 
 
-def test_value_on_a_subset_of_the_batch(tmp_path):
+def test_task_rows_and_concat(tmp_path):
     """value.batch_size=n evaluates V on the first n images: the subset task's loss is the
     loss of a task built from those images alone (iBOT weights renormalised)."""
     cfg = vcfg(tmp_path, "train.steps=1")
     trainer = Trainer(cfg)
     torch.manual_seed(0)
     task = trainer.build_task(first_batch(trainer))
-    sub = task.subset(3)
+    sub = task.rows(0, 3)
     assert sub.batch_size == 3 and sub.n_global == task.n_global
     views = task.student_global.unflatten(0, (task.n_global, -1))
     assert torch.equal(sub.student_global, views[:, :3].flatten(0, 1))
@@ -240,9 +240,14 @@ def test_value_on_a_subset_of_the_batch(tmp_path):
     # DINOv2's weighting: each masked crop sums to 1 / (all crops of the subset)
     expected = masks.any(1).sum() / masks.shape[0]
     assert torch.allclose(sub.masks.weights.sum(), expected.float())
-    assert task.subset(task.batch_size) is task
-    with pytest.raises(ValueError, match="subset size"):
-        task.subset(0)
+    assert task.rows(0, task.batch_size) is task
+    with pytest.raises(ValueError, match="rows must satisfy"):
+        task.rows(0, 0)
+    joined = Task.concat(sub, task.rows(3, task.batch_size))
+    for name in ("student_global", "teacher_global", "local"):
+        assert torch.equal(getattr(joined, name), getattr(task, name)), name
+    for name in ("masks", "indices", "weights"):
+        assert torch.equal(getattr(joined.masks, name), getattr(task.masks, name)), name
     model = trainer.model
     targets = model.teacher_targets(sub, 0.04)
     assert torch.isfinite(model.student_losses(sub, targets)["total"])

@@ -62,29 +62,51 @@ class Task:
             return self.masks.weights
         return self.masks.weights * self.soft_masks.flatten()[self.masks.indices]
 
-    def subset(self, n: int) -> Task:
-        """The task of the first ``n`` images only (every view of each), iBOT masks reweighted.
+    def rows(self, start: int, stop: int) -> Task:
+        """The task of images ``start..stop-1`` only (every view of each), iBOT masks reweighted.
 
         The iBOT weights are recomputed for the smaller set of crops, so the loss of the
-        subset is the loss the same images would have as a batch of their own.
+        rows is the loss the same images would have as a batch of their own.
         """
-        if not 1 <= n <= self.batch_size:
-            raise ValueError(f"subset size must be in [1, {self.batch_size}], got {n}")
-        if n == self.batch_size:
+        if not 0 <= start < stop <= self.batch_size:
+            raise ValueError(f"rows must satisfy 0 <= start < stop <= {self.batch_size}, "
+                             f"got [{start}, {stop})")
+        if (start, stop) == (0, self.batch_size):
             return self
 
-        def first(views: Tensor, n_views: int) -> Tensor:
-            return views.unflatten(0, (n_views, -1))[:, :n].flatten(0, 1)
+        def pick(views: Tensor, n_views: int) -> Tensor:
+            return views.unflatten(0, (n_views, -1))[:, start:stop].flatten(0, 1)
 
-        masks = PatchMasks.from_masks(first(self.masks.masks, self.n_global))
+        soft = self.soft_masks
         return dataclasses.replace(
             self,
-            student_global=first(self.student_global, self.n_global),
-            teacher_global=first(self.teacher_global, self.n_global),
-            local=first(self.local, self.n_local) if self.n_local > 0 else self.local,
-            masks=masks,
-            soft_masks=None if self.soft_masks is None else first(self.soft_masks, self.n_global),
+            student_global=pick(self.student_global, self.n_global),
+            teacher_global=pick(self.teacher_global, self.n_global),
+            local=pick(self.local, self.n_local) if self.n_local > 0 else self.local,
+            masks=PatchMasks.from_masks(pick(self.masks.masks, self.n_global)),
+            soft_masks=None if soft is None else pick(soft, self.n_global),
         )
+
+    @staticmethod
+    def concat(first: Task, second: Task) -> Task:
+        """The task of ``first``'s images followed by ``second``'s (inverse of :meth:`rows`)."""
+        if (first.n_global, first.n_local) != (second.n_global, second.n_local):
+            raise ValueError("cannot concatenate tasks with different numbers of views")
+
+        def join(a: Tensor, b: Tensor, n_views: int) -> Tensor:
+            return torch.cat([a.unflatten(0, (n_views, -1)), b.unflatten(0, (n_views, -1))],
+                             1).flatten(0, 1)
+
+        g, loc = first.n_global, first.n_local
+        soft = None
+        if first.soft_masks is not None or second.soft_masks is not None:
+            soft = join(first.student_masks().float(), second.student_masks().float(), g)
+        return Task(
+            student_global=join(first.student_global, second.student_global, g),
+            teacher_global=join(first.teacher_global, second.teacher_global, g),
+            local=join(first.local, second.local, loc) if loc > 0 else first.local,
+            masks=PatchMasks.from_masks(join(first.masks.masks, second.masks.masks, g)),
+            n_global=g, n_local=loc, soft_masks=soft)
 
     def to(self, device: torch.device) -> Task:
         masks = PatchMasks(*(t.to(device, non_blocking=True) for t in dataclasses.astuple(self.masks)))
