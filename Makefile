@@ -17,8 +17,10 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PIP) install -q -c constraints.txt -e ".[dev]"
 	touch $(STAMP)
 
+# Pretrains the small demo backbone once (cached in runs/demo), then the four-arm
+# V-pretraining comparison (designers/demo.py); results in runs/vdemo.
 demo: $(STAMP)
-	$(PY) -m dinov.demo --config configs/demo.yaml
+	$(PY) -m designers.demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not mmseg and not gpu" tests

@@ -1,10 +1,10 @@
-"""V-pretraining demo: ``python -m designers.demo [--steps N] [--skip-pretrain-if-cached]``.
+"""V-pretraining demo (``make demo``): ``python -m designers.demo [--steps N] [--seed S]``.
 
 (1) Pretrain the small plain-demo backbone once (``configs/demo.yaml``, cached under
 ``runs/demo``); (2) continue pretraining from its checkpoint with the same number of steps
 in four arms through :mod:`designers.train`'s machinery (Trainer + DesignerHook,
 ``configs/vdemo.yaml``): the baseline (``designer.kind=none``), the mask designer, the
-augmentation designer and the random-feedback control (mask designer,
+augmentation designer and the random-feedback control (augmentation designer,
 ``feedback.mode=random``); (3) evaluate each arm's frozen final backbone with the
 ``eval/`` segmentation, depth and linear CLIs (small budgets, synthetic scenes written
 once in the real layouts under ``runs/vdemo/data``); (4) print one table and write
@@ -33,15 +33,18 @@ from designers.masks import SoftMaskDesigner
 from designers.train import run as run_arm
 from designers.views import AugmentationDesigner
 from dinov.checkpoint import load_checkpoint
-from dinov.config import Config, load_config
+from dinov.config import Config, load_config, to_yaml
 from dinov.train.trainer import Trainer
 
-# arm name -> (designer.kind, feedback.mode)
+# arm name -> (designer.kind, feedback.mode). The random-feedback control runs the
+# augmentation designer: the designer that can change what the learner sees most, so the
+# control separates the feedback's information from the designer's freedom (and from its
+# regulariser, which alone keeps DINO's defaults).
 ARMS: dict[str, tuple[str, str]] = {
     "baseline": ("none", "real"),
     "mask": ("mask", "real"),
     "augment": ("augment", "real"),
-    "random": ("mask", "random"),
+    "random": ("augment", "random"),
 }
 LAYOUTS = (("imagefolder", "if"), ("ade20k", "ade"), ("nyu", "nyu"))
 
@@ -65,22 +68,42 @@ class DemoSettings:
     eval_warmup: int = 50
     linear_epochs: int = 30
     plots: bool = True
+    seed: int = 0  # train.seed and feedback.seed of every arm (the pretraining is shared)
 
 
 # ----------------------------------------------------------------------------- stages
 
 
+def _same_run_config(saved: pathlib.Path, cfg: Config) -> bool:
+    """Whether the run at ``saved`` used ``cfg`` (how progress is shown does not count)."""
+    if not saved.is_file():
+        return False
+    import yaml
+
+    def training_part(text: str) -> dict[str, Any]:
+        tree = yaml.safe_load(text)
+        for key in ("progress", "plots", "log_every"):
+            tree.get("train", {}).pop(key, None)
+        return tree
+
+    return training_part(saved.read_text()) == training_part(to_yaml(cfg))
+
+
 def pretrain(s: DemoSettings) -> pathlib.Path:
     """The plain demo's final checkpoint; trains it (``configs/demo.yaml``) unless cached."""
     ckpt = s.pretrain_dir / "checkpoints" / f"checkpoint_{s.pretrain_steps:08d}.pt"
-    if ckpt.is_file() and s.skip_pretrain_if_cached:
-        print(f"[vdemo] reusing cached pretrained backbone {ckpt}")
-        return ckpt
-    print(f"[vdemo] pretraining the plain demo backbone -> {s.pretrain_dir}")
     cfg = load_config(str(s.pretrain_config), [f"output_dir={s.pretrain_dir}",
                                                f"train.steps={s.pretrain_steps}",
                                                *s.pretrain_overrides])
     assert isinstance(cfg, Config)
+    same = _same_run_config(s.pretrain_dir / "config.yaml", cfg)  # a stale cache is retrained
+    if ckpt.is_file() and same and s.skip_pretrain_if_cached:
+        print(f"[vdemo] reusing cached pretrained backbone {ckpt}")
+        return ckpt
+    print(f"[vdemo] pretraining the plain demo backbone ({s.pretrain_steps} steps) -> {s.pretrain_dir}",
+          flush=True)
+    if s.pretrain_dir.exists():
+        shutil.rmtree(s.pretrain_dir)
     Trainer(cfg).fit()
     if not ckpt.is_file():
         raise FileNotFoundError(f"pretraining finished without writing {ckpt}")
@@ -93,7 +116,7 @@ def arm_config(s: DemoSettings, arm: str, weights: pathlib.Path) -> VConfig:
     cfg = load_config(str(s.config), [
         f"output_dir={s.out / arm}", f"model.weights={weights}", "model.weights_format=ours",
         f"train.steps={s.steps}", f"designer.kind={kind}", f"feedback.mode={mode}",
-        *s.arm_overrides], schema=VConfig, choices=V_CHOICES)
+        f"train.seed={s.seed}", f"feedback.seed={s.seed}", *s.arm_overrides], schema=VConfig, choices=V_CHOICES)
     assert isinstance(cfg, VConfig)
     return cfg
 
@@ -158,6 +181,73 @@ def evaluate(s: DemoSettings, data: pathlib.Path, checkpoint: str, out: pathlib.
                               f"train.warmup_iters={warm}", *model, f"output_dir={out / 'depth'}"])
     return {"seg_miou": float(seg["miou"]), "depth_rmse": float(depth["rmse"]),
             "linear_top1": float(linear["top1"])}
+
+
+# ----------------------------------------------------------------------------- designers
+
+
+def _scenes(n: int, size: int):  # noqa: ANN202  (a SceneBatch)
+    from dinov.data.synthetic import render_scenes
+
+    return render_scenes(n, size, 12345)
+
+
+def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int = 8) -> dict[str, float]:
+    """What an augmentation designer does to n fixed scenes, and DINO's default for each.
+
+    The scenes carry class identity in hue only, so the known-good choice is grayscale 0 and
+    a small hue shift; ``*_default`` is the untrained designer (DINO's defaults).
+    """
+    images = _scenes(n, cfg.data.image_size).images.float().clamp(0, 1)
+    out: dict[str, float] = {}
+    for tag, load in (("", True), ("_default", False)):
+        aug = AugmentationDesigner(cfg.crops, view="global1")
+        if load:
+            aug.load_state_dict(state["designer"])
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            raw_mean, raw_std = aug.predict(images)
+            sampled = torch.stack([aug.bounded(raw_mean + raw_std * torch.randn(raw_mean.shape, generator=gen))
+                                   for _ in range(draws)])
+        names = list(aug.specs)
+        col = {name: sampled[..., i] for i, name in enumerate(names)}
+        out[f"grayscale{tag}"] = round(float(col["grayscale"].mean()), 4)
+        out[f"abs_hue_shift{tag}"] = round(float(col["hue"].abs().mean()), 4)
+        out[f"saturation{tag}"] = round(float(col["saturation"].mean()), 4)
+        out[f"blur_sigma{tag}"] = round(float(col["blur_sigma"].mean()), 4)
+    return out
+
+
+def mask_summary(cfg: VConfig, state: dict[str, Any], n: int = 64) -> dict[str, float]:
+    """Mean μ of the mask designer on object pixels and on wall/floor pixels of n fixed scenes."""
+    import torch.nn.functional as F
+
+    scenes = _scenes(n, cfg.data.image_size)
+    size = cfg.crops.global_crops_size
+    images = F.interpolate(scenes.images.float().clamp(0, 1), size=(size, size), mode="bilinear", antialias=True)
+    labels = F.interpolate(scenes.labels[:, None].float(), size=(size, size), mode="nearest")[:, 0]
+    mean = torch.tensor(cfg.crops.normalize_mean).view(1, 3, 1, 1)
+    std = torch.tensor(cfg.crops.normalize_std).view(1, 3, 1, 1)
+    designer = SoftMaskDesigner()
+    designer.load_state_dict(state["designer"])
+    with torch.no_grad():
+        mu = designer.eval().mask((images - mean) / std)[:, 0]
+    objects = labels >= 3
+    return {"mu_mean": round(float(mu.mean()), 4), "mu_objects": round(float(mu[objects].mean()), 4),
+            "mu_wall_floor": round(float(mu[~objects].mean()), 4)}
+
+
+def designer_summaries(s: DemoSettings, arms: dict[str, dict[str, Any]]) -> dict[str, dict[str, float]]:
+    """The learned designer of every designed arm, summarised (see the two functions above)."""
+    out: dict[str, dict[str, float]] = {}
+    for arm, row in arms.items():
+        kind = ARMS[arm][0]
+        state = _hook_state(row["checkpoint"])
+        if kind == "none" or not state:
+            continue
+        cfg = arm_config(s, arm, pathlib.Path(row["checkpoint"]))
+        out[arm] = augment_summary(cfg, state) if kind == "augment" else mask_summary(cfg, state)
+    return out
 
 
 # ----------------------------------------------------------------------------- report
@@ -309,6 +399,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
         t0 = time.perf_counter()
         row.update(evaluate(s, data, row["checkpoint"], s.out / arm / "eval"))
         row["eval_seconds"] = round(time.perf_counter() - t0, 1)
+    designers = designer_summaries(s, arms)
     pngs: list[str] = []
     if s.plots:
         for name, fn in (("designs.png", lambda p: plot_designs(s, arms, p)),
@@ -319,13 +410,18 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
             pngs.append(str(s.out / name))
     table = format_table(arms)
     wall = round(time.perf_counter() - started, 1)
-    results = {"steps": s.steps, "pretrained_from": str(weights), "wall_seconds": wall,
-               "arms": arms, "pngs": pngs, "table": table}
+    pretrain_file = s.pretrain_dir / "results.json"
+    pretrained = json.loads(pretrain_file.read_text()) if pretrain_file.is_file() else {}
+    results = {"steps": s.steps, "seed": s.seed, "pretrained_from": str(weights), "wall_seconds": wall,
+               "pretrain_probe": {k: pretrained.get(k) for k in ("probe_top1_init", "probe_top1_final")},
+               "arms": arms, "designers": designers, "pngs": pngs, "table": table}
     (s.out / "results.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     print()
     print(f"continued pretraining from {weights}, {s.steps} steps per arm "
           f"(seg/depth on {s.eval_iterations} head iterations, linear {s.linear_epochs} epochs)")
     print(table)
+    for arm, summary in designers.items():
+        print(f"{arm} designer: " + ", ".join(f"{k} {v:g}" for k, v in summary.items()))
     print(f"\ntotal {wall} s; outputs in {s.out}/ (results.json, {', '.join(pathlib.Path(p).name for p in pngs)})")
     return results
 
@@ -337,10 +433,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="reuse runs/demo's final checkpoint when present (default: yes)")
     parser.add_argument("--out", type=pathlib.Path, default=DemoSettings.out)
     parser.add_argument("--eval-iterations", type=int, default=DemoSettings.eval_iterations)
+    parser.add_argument("--seed", type=int, default=DemoSettings.seed, help="seed of every arm")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm, e.g. optim.lr=1e-3")
     args = parser.parse_args(argv)
     return run_demo(DemoSettings(steps=args.steps, skip_pretrain_if_cached=args.skip_pretrain_if_cached,
-                                 out=args.out, eval_iterations=args.eval_iterations,
+                                 out=args.out, eval_iterations=args.eval_iterations, seed=args.seed,
                                  arm_overrides=list(args.overrides)))
 
 

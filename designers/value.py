@@ -38,15 +38,16 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterator, Sequence
+from functools import partial
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
-from torch.utils.checkpoint import checkpoint
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.overrides import TorchFunctionMode
+from torch.utils.checkpoint import checkpoint
 
 METHODS = ("fd", "exact", "jvp")
 
@@ -374,7 +375,7 @@ class _RecomputedCentralDifference(torch.autograd.Function):
             for sign in (1.0, -1.0):
                 inputs = [a.detach().requires_grad_(i in wanted) for i, a in enumerate(acts)]
                 with torch.enable_grad():
-                    (out,) = _perturbed_passes(lambda: ctx.head_fn(*inputs), ctx.params,
+                    (out,) = _perturbed_passes(partial(ctx.head_fn, *inputs), ctx.params,
                                                ctx.unit, ctx.step, ctx.rng, signs=(sign,))
                 scale = grad_out * (sign / (2.0 * ctx.step))
                 got = torch.autograd.grad(out, [inputs[i] for i in wanted], scale.to(out.dtype),

@@ -271,6 +271,32 @@ def _check_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]]) -> None
             raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
 
 
+def _yaml_chain(yaml_path: pathlib.Path, seen: list[pathlib.Path]) -> list[tuple[pathlib.Path, Any]]:
+    """``yaml_path`` and the files it extends, base first.
+
+    A file may name ``base: other.yaml`` (relative to itself): its own values then
+    override the base's, so a twin recipe (baseline, random feedback) states only what
+    differs.
+    """
+    if not yaml_path.is_file():
+        where = f" (base of {seen[-1]})" if seen else ""
+        raise ConfigError(f"config file not found: {yaml_path}{where}")
+    if yaml_path.resolve() in seen:
+        raise ConfigError(f"{yaml_path}: 'base' chain is circular: "
+                          f"{' -> '.join(map(str, [*seen, yaml_path.resolve()]))}")
+    try:
+        from_file = OmegaConf.load(yaml_path)
+    except Exception as error:  # YAML syntax errors come from several libraries
+        raise ConfigError(f"{yaml_path}: not valid YAML: {error}") from None
+    base = from_file.pop("base", None) if isinstance(from_file, DictConfig) else None
+    if base is None:
+        return [(yaml_path, from_file)]
+    if not isinstance(base, str):
+        raise ConfigError(f"{yaml_path}: 'base' expects a file name, got {base!r}")
+    chain = _yaml_chain(yaml_path.parent / base, [*seen, yaml_path.resolve()])
+    return [*chain, (yaml_path, from_file)]
+
+
 def load_config(
     path: str | pathlib.Path | None,
     overrides: list[str] | None = None,
@@ -279,20 +305,21 @@ def load_config(
 ) -> ConfigT:
     """Schema defaults <- YAML at ``path`` <- ``key=value`` overrides; returns a typed object."""
     cfg = OmegaConf.structured(schema)
+    required: dict[str, pathlib.Path] = {}  # keys a YAML file marks ??? (merging drops the mark)
     if path is not None:
-        yaml_path = pathlib.Path(path)
-        if not yaml_path.is_file():
-            raise ConfigError(f"config file not found: {yaml_path}")
-        try:
-            from_file = OmegaConf.load(yaml_path)
-        except Exception as error:  # YAML syntax errors come from several libraries
-            raise ConfigError(f"{yaml_path}: not valid YAML: {error}") from None
-        cfg = _merge(cfg, from_file, str(yaml_path), schema)
+        for yaml_path, from_file in _yaml_chain(pathlib.Path(path), []):
+            required.update(dict.fromkeys(OmegaConf.missing_keys(from_file), yaml_path))
+            cfg = _merge(cfg, from_file, str(yaml_path), schema)
     for item in overrides or []:
         if "=" not in item:
             raise ConfigError(f"command line: expected key=value, got {item!r}")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", schema)
     _check_choices(cfg, {**_CHOICES, **(choices or {})})
+    unset = [f"'{key}' (marked ??? in {yaml_path})" for key, yaml_path in required.items()
+             if OmegaConf.select(cfg, key, default=None) is None]
+    if unset:
+        raise ConfigError(f"config keys required but without a value: {', '.join(unset)}; "
+                          f"set them as key=value")
     try:
         return typing.cast(ConfigT, OmegaConf.to_object(cfg))
     except MissingMandatoryValue as error:

@@ -84,3 +84,23 @@ def test_missing_mandatory_value_is_a_config_error():
     with pytest.raises(ConfigError, match=r"'data\.root' is required"):
         load_config(None, [], schema=Schema)
     assert load_config(None, ["data.root=/x"], schema=Schema).data.root == "/x"
+
+
+def test_base_chain_overrides_and_errors(tmp_path):
+    (tmp_path / "a.yaml").write_text("optim:\n  lr: 0.5\ntrain:\n  steps: 7\n")
+    (tmp_path / "b.yaml").write_text("base: a.yaml\ntrain:\n  steps: 9\n")
+    sub = tmp_path / "sub"
+    sub.mkdir()
+    (sub / "c.yaml").write_text("base: ../b.yaml\noutput_dir: x\n")
+    cfg = load_config(sub / "c.yaml", ["train.seed=3"])
+    assert (cfg.optim.lr, cfg.train.steps, cfg.output_dir, cfg.train.seed) == (0.5, 9, "x", 3)
+    (tmp_path / "loop.yaml").write_text("base: loop2.yaml\n")
+    (tmp_path / "loop2.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "loop.yaml")
+    (tmp_path / "d.yaml").write_text("base: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match=r"nowhere\.yaml \(base of .*d\.yaml\)"):
+        load_config(tmp_path / "d.yaml")
+    (tmp_path / "e.yaml").write_text("base: a.yaml\ntrain:\n  stepz: 1\n")
+    with pytest.raises(ConfigError, match="e.yaml.*train.stepz"):
+        load_config(tmp_path / "e.yaml")

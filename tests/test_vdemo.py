@@ -37,3 +37,40 @@ def test_vdemo_tiny(tmp_path: pathlib.Path) -> None:
     for name in ("designs.png", "calibration.png", "metrics.png", "curves.png"):
         assert (settings.out / name).stat().st_size > 0
     assert (settings.out / "results.json").is_file()
+    designers = results["designers"]
+    assert set(designers) == {"mask", "augment", "random"}
+    assert 0.0 <= designers["mask"]["mu_objects"] <= 1.0
+    # the untrained designer reproduces DINO's default grayscale probability
+    assert abs(designers["augment"]["grayscale_default"] - 0.2) < 0.05
+    # a second run reuses the cached pretraining (same config) instead of retraining it
+    before = (settings.pretrain_dir / "metrics.jsonl").stat().st_mtime_ns
+    settings.steps, settings.plots = 1, False
+    run_demo(settings)
+    assert (settings.pretrain_dir / "metrics.jsonl").stat().st_mtime_ns == before
+
+
+def test_synthetic_gain_summary() -> None:
+    """benchmarks/synthetic_gain.py: mean/std per arm and per-seed gains, hand-computed."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("synthetic_gain", "benchmarks/synthetic_gain.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+
+    def run(seg: list[float], rmse: list[float]) -> dict:
+        arms = {arm: {"seg_miou": seg[i], "depth_rmse": rmse[i], "linear_top1": 80.0,
+                      "calibration_r": math.nan if arm == "baseline" else 0.5}
+                for i, arm in enumerate(ARMS)}
+        return {"arms": arms, "designers": {"augment": {"grayscale": 0.1}}}
+
+    out = module.summarise([run([50, 52, 53, 50], [1.2, 1.1, 1.15, 1.2]),
+                            run([51, 52, 55, 51], [1.3, 1.2, 1.2, 1.3])])
+    assert out["arms"]["mask"]["seg_miou"]["mean"] == 52.0
+    assert out["arms"]["mask"]["seg_miou"]["std"] == 0.0
+    assert out["arms"]["augment"]["seg_miou"]["std"] == round(math.sqrt(2.0), 4)
+    assert math.isnan(out["arms"]["baseline"]["calibration_r"]["mean"])
+    assert out["gain_over_baseline"]["augment"]["seg_miou"]["values"] == [3.0, 4.0]
+    assert out["gain_over_baseline"]["augment"]["depth_rmse"]["values"] == [0.05, 0.1]
+    assert out["designers"]["augment"]["grayscale"] == 0.1
+
