@@ -5,7 +5,8 @@
 ``feedback.seed`` of every arm; the pretrained starting backbone in ``runs/demo`` is
 shared, as in continued pretraining) and prints one JSON line:
 
-- ``arms.<arm>.<metric>``: mean, std (sample, ddof=1) and the per-seed values of seg mIoU,
+- ``arms.<arm>.<metric>`` (arms: the demo's four, or ``--arms``; ``fixed`` is the
+  augmentation designer at initialisation, never updated): mean, std (sample, ddof=1) and the per-seed values of seg mIoU,
   depth RMSE, linear top-1 and calibration r;
 - ``gain_over_baseline.<arm>``: the per-seed differences to the baseline (seg and linear:
   arm - baseline; depth: baseline - arm, so positive is better everywhere), mean and std;
@@ -32,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 
 import dinov  # noqa: E402,F401  (torchvision shim first)
-from designers.demo import ARMS, DemoSettings, run_demo  # noqa: E402
+from designers.demo import ALL_ARMS, ARMS, DemoSettings, run_demo  # noqa: E402
 
 METRICS = ("seg_miou", "depth_rmse", "linear_top1", "calibration_r")
 KNOWN_GOOD = {"grayscale": 0.0, "abs_hue_shift": 0.0,
@@ -47,10 +48,11 @@ def spread(values: list[float]) -> dict[str, Any]:
 
 
 def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    names = list(runs[0]["arms"])
     arms = {arm: {m: spread([float(r["arms"][arm].get(m, math.nan)) for r in runs]) for m in METRICS}
-            for arm in ARMS}
+            for arm in names}
     gains: dict[str, Any] = {}
-    for arm in ARMS:
+    for arm in names:
         if arm == "baseline":
             continue
         diff = {"seg_miou": [], "depth_rmse": [], "linear_top1": []}
@@ -61,7 +63,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
             diff["linear_top1"].append(row["linear_top1"] - base["linear_top1"])
         gains[arm] = {k: spread(v) for k, v in diff.items()}
     designers: dict[str, dict[str, float]] = {}
-    for arm in ARMS:
+    for arm in names:
         rows = [r["designers"][arm] for r in runs if arm in r.get("designers", {})]
         if rows:
             designers[arm] = {k: round(statistics.fmean(row[k] for row in rows), 4) for k in rows[0]}
@@ -73,16 +75,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=DemoSettings.steps)
     parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("runs/synthetic_gain"))
+    parser.add_argument("--arms", default=",".join(ARMS),
+                        help=f"comma-separated arms among {', '.join(ALL_ARMS)} (baseline first)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides for every arm")
     args = parser.parse_args(argv)
+    arms = tuple(args.arms.split(","))
+    unknown = [a for a in arms if a not in ALL_ARMS]
+    if unknown or arms[0] != "baseline":
+        parser.error(f"--arms: expected 'baseline' first, then any of {list(ALL_ARMS)}; got {list(arms)}")
     runs = []
     for seed in range(args.seeds):
         print(f"[synthetic_gain] seed {seed}", file=sys.stderr, flush=True)
         settings = DemoSettings(steps=args.steps, out=args.out / f"seed{seed}", seed=seed,
-                                plots=seed == 0, arm_overrides=list(args.overrides))
+                                plots=seed == 0, arm_overrides=list(args.overrides), arms=arms)
         with contextlib.redirect_stdout(sys.stderr):  # stdout: the one JSON line
             runs.append(run_demo(settings))
-    line = {"benchmark": "synthetic_gain", "seeds": args.seeds, "steps": args.steps,
+    line = {"benchmark": "synthetic_gain", "seeds": args.seeds, "steps": args.steps, "arm_names": list(arms),
             "overrides": args.overrides, **summarise(runs),
             "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1)}
     print(json.dumps(line))

@@ -36,16 +36,23 @@ from dinov.checkpoint import load_checkpoint
 from dinov.config import Config, load_config, to_yaml
 from dinov.train.trainer import Trainer
 
-# arm name -> (designer.kind, feedback.mode). The random-feedback control runs the
-# augmentation designer: the designer that can change what the learner sees most, so the
-# control separates the feedback's information from the designer's freedom (and from its
-# regulariser, which alone keeps DINO's defaults).
-ARMS: dict[str, tuple[str, str]] = {
-    "baseline": ("none", "real"),
-    "mask": ("mask", "real"),
-    "augment": ("augment", "real"),
-    "random": ("augment", "random"),
+# arm name -> (designer.kind, feedback.mode, further overrides). The random-feedback
+# control runs the augmentation designer: the designer that can change what the learner
+# sees most, so the control separates the feedback's information from the designer's
+# freedom (and from its regulariser, which alone keeps DINO's defaults).
+ARMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    "baseline": ("none", "real", ()),
+    "mask": ("mask", "real", ()),
+    "augment": ("augment", "real", ()),
+    "random": ("augment", "random", ()),
 }
+# not in the demo's table; benchmarks/synthetic_gain.py can add them (--arms)
+EXTRA_ARMS: dict[str, tuple[str, str, tuple[str, ...]]] = {
+    # the augmentation designer at initialisation, never updated: what the designer's
+    # per-image kornia path does by itself, without any feedback
+    "fixed": ("augment", "real", ("designer.fixed=true",)),
+}
+ALL_ARMS = {**ARMS, **EXTRA_ARMS}
 LAYOUTS = (("imagefolder", "if"), ("ade20k", "ade"), ("nyu", "nyu"))
 
 
@@ -69,6 +76,7 @@ class DemoSettings:
     linear_epochs: int = 30
     plots: bool = True
     seed: int = 0  # train.seed and feedback.seed of every arm (the pretraining is shared)
+    arms: tuple[str, ...] = tuple(ARMS)
 
 
 # ----------------------------------------------------------------------------- stages
@@ -112,11 +120,11 @@ def pretrain(s: DemoSettings) -> pathlib.Path:
 
 def arm_config(s: DemoSettings, arm: str, weights: pathlib.Path) -> VConfig:
     """The continued-pretraining config of one arm."""
-    kind, mode = ARMS[arm]
+    kind, mode, extra = ALL_ARMS[arm]
     cfg = load_config(str(s.config), [
         f"output_dir={s.out / arm}", f"model.weights={weights}", "model.weights_format=ours",
         f"train.steps={s.steps}", f"designer.kind={kind}", f"feedback.mode={mode}",
-        f"train.seed={s.seed}", f"feedback.seed={s.seed}", *s.arm_overrides], schema=VConfig, choices=V_CHOICES)
+        f"train.seed={s.seed}", f"feedback.seed={s.seed}", *extra, *s.arm_overrides], schema=VConfig, choices=V_CHOICES)
     assert isinstance(cfg, VConfig)
     return cfg
 
@@ -124,7 +132,7 @@ def arm_config(s: DemoSettings, arm: str, weights: pathlib.Path) -> VConfig:
 def train_arms(s: DemoSettings, weights: pathlib.Path) -> dict[str, dict[str, Any]]:
     """Run the four arms from ``weights``; per arm the trainer's results plus wall time."""
     results: dict[str, dict[str, Any]] = {}
-    for arm in ARMS:
+    for arm in s.arms:
         cfg = arm_config(s, arm, weights)
         if (s.out / arm).exists():  # a fresh run: no stale metrics rows or checkpoints
             shutil.rmtree(s.out / arm)
@@ -241,7 +249,7 @@ def designer_summaries(s: DemoSettings, arms: dict[str, dict[str, Any]]) -> dict
     """The learned designer of every designed arm, summarised (see the two functions above)."""
     out: dict[str, dict[str, float]] = {}
     for arm, row in arms.items():
-        kind = ARMS[arm][0]
+        kind = ALL_ARMS[arm][0]
         state = _hook_state(row["checkpoint"])
         if kind == "none" or not state:
             continue
@@ -331,7 +339,7 @@ def plot_calibration(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> Non
     """Predicted (−lr·V) against realised ΔL_down per meta step, one panel per designed arm."""
     import matplotlib.pyplot as plt
 
-    names = [a for a in arms if ARMS[a][0] != "none"]
+    names = [a for a in arms if ALL_ARMS[a][0] != "none" and "designer.fixed=true" not in ALL_ARMS[a][2]]
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, arm in zip(axes[0], names, strict=True):
         state = _hook_state(arms[arm]["checkpoint"])
@@ -357,7 +365,7 @@ def plot_metrics(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
     fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
     for ax, (key, title) in zip(axes, keys, strict=True):
         ax.bar(list(arms), [float(arms[a].get(key, math.nan)) for a in arms],
-               color=["grey", "tab:blue", "tab:orange", "tab:red"][: len(arms)])
+               color=["grey", "tab:blue", "tab:orange", "tab:red", "tab:green"][: len(arms)])
         ax.set_title(title, fontsize=10)
         ax.tick_params(axis="x", labelsize=8)
     fig.tight_layout()
