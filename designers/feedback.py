@@ -7,7 +7,7 @@ A designer (meta) step starts with two stages that live here:
    (:class:`eval.depth_head.LinearDepthHead`, SigLoss or L1) are trained for a few steps
    on *frozen* backbone features (computed under ``no_grad``) of images from the **head
    pool**, with their own optimizer whose state persists across meta steps;
-2. **compute g_down** (:func:`downstream_gradient`):
+2. **compute g_down** (:func:`downstream_gradient_and_loss`):
    ``g_down = grad_{theta_S}(alpha_seg * L_seg + alpha_depth * L_depth)`` on a batch of the
    **meta pool**, only w.r.t. the aligned parameters ``theta_S`` (the last ViT blocks plus
    the final norm, :func:`designers.value.aligned_parameters`, re-exported here), with
@@ -80,7 +80,7 @@ __all__ = [
     "FeedbackHeads",
     "FeedbackPools",
     "aligned_parameters",
-    "downstream_gradient",
+    "downstream_gradient_and_loss",
     "feedback_losses",
 ]
 
@@ -435,18 +435,6 @@ def feedback_losses(
         return _head_losses(heads, backbone, batch, _features(backbone, batch, heads.depth_blocks))
 
 
-def downstream_gradient(
-    backbone: Backbone,
-    heads: FeedbackHeads,
-    batch: FeedbackBatch,
-    aligned_params: Sequence[nn.Parameter],
-    cfg: FeedbackConfig,
-    generator: torch.Generator | None = None,
-) -> list[Tensor]:
-    """g_down only; see :func:`downstream_gradient_and_loss`."""
-    return downstream_gradient_and_loss(backbone, heads, batch, aligned_params, cfg, generator)[0]
-
-
 def downstream_gradient_and_loss(
     backbone: Backbone,
     heads: FeedbackHeads,
@@ -455,16 +443,17 @@ def downstream_gradient_and_loss(
     cfg: FeedbackConfig,
     generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor], Tensor]:
-    """(g_down, L_down) from one forward: L_down the weighted feedback loss (detached), g_down = grad_{aligned_params}(alpha_seg * L_seg + alpha_depth * L_depth) on a meta batch.
+    """(g_down, L_down) from one forward on a meta batch.
 
-    Detached tensors shaped like ``aligned_params``. Heads and backbone run in eval mode and
+    L_down = alpha_seg * L_seg + alpha_depth * L_depth (detached; the calibration's "before"
+    value) and g_down = grad_{aligned_params} L_down as detached tensors shaped like ``aligned_params``. Heads and backbone run in eval mode and
     nothing of theirs changes (no parameter, buffer or ``.grad``). With ``cfg.mode ==
     "random"`` returns a seeded Gaussian direction of the same global norm, drawn from
     ``generator`` (default: ``heads.random_generator``, which advances every call).
     """
     params = list(aligned_params)
     if not params:
-        raise ValueError("downstream_gradient needs at least one aligned parameter")
+        raise ValueError("downstream_gradient_and_loss needs at least one aligned parameter")
     losses = feedback_losses(backbone, heads, batch)
     weights = {"seg": cfg.alpha_seg, "depth": cfg.alpha_depth}
     terms = [weights[k] * v for k, v in losses.items() if weights[k] != 0]

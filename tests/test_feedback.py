@@ -14,7 +14,7 @@ from designers.feedback import (
     FeedbackHeads,
     FeedbackPools,
     aligned_parameters,
-    downstream_gradient,
+    downstream_gradient_and_loss,
     feedback_losses,
 )
 from dinov.config import load_config
@@ -24,6 +24,10 @@ from eval.seg_head import backbone_feature_map
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32
+
+
+def downstream_gradient(*args: object) -> list[torch.Tensor]:
+    return downstream_gradient_and_loss(*args)[0]  # type: ignore[arg-type]
 
 
 def tiny_backbone() -> Backbone:
@@ -148,6 +152,13 @@ def test_g_down_shapes_finite_and_nothing_changes(
     assert_bitwise_equal(before_h, snapshot(fitted))  # BN running stats included
     assert all(p.grad is None for p in backbone.parameters())
     assert backbone.training and fitted.training  # modes restored
+    # L_down from the same forward is the calibration's weighted loss (meta.py)
+    from designers.meta import weighted_feedback_loss
+
+    cfg = tiny_cfg(alpha_seg=2.0)
+    _, l_down = downstream_gradient_and_loss(backbone, fitted, meta_batch(pools), params, cfg)
+    expected = weighted_feedback_loss(backbone, fitted, meta_batch(pools), 2.0, cfg.alpha_depth)
+    assert float(l_down) == pytest.approx(expected, rel=1e-6)
 
 
 def flat(ts: list[torch.Tensor]) -> torch.Tensor:
