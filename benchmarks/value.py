@@ -24,6 +24,9 @@ same loss (no optimizer).
   with the designer hook taking a meta step every 1 / 4 steps (heads fit, g_down, V,
   designer update, calibration; designed views on every step) over the plain step, in
   one process, interleaved. Settings: :data:`VSTEP_DEFAULTS` on ``--vstep-config``.
+  ``vstep_every1_stage_ms``: where the time goes (ms per step with a meta step every step:
+  head fitting, g_down, designer forward, V, designer update, calibration, learner step;
+  thin wrappers around each stage of the every-1 run).
 
 Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 (config overrides on top of ``configs/smoke.yaml``).
@@ -148,8 +151,35 @@ def worker(args: argparse.Namespace) -> None:
                 "device": device.type, "threads": torch.get_num_threads()}, args.out)
 
 
-def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2) -> float:
-    """Mean seconds per training step (hooks included) over ``steps`` steps after ``warmup``."""
+def _timed_stages(hook: object, trainer: object, totals: dict[str, float]) -> None:
+    """Wrap the hook's stages (and the learner step) to accumulate their wall time."""
+    import designers.meta as meta_module
+
+    def wrap(owner: object, name: str, stage: str, module_level: bool = False) -> None:
+        inner = getattr(owner, name)
+
+        def timed(*args: object, **kwargs: object) -> object:
+            start = time.perf_counter()
+            out = inner(*args, **kwargs)
+            totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - start
+            return out
+
+        setattr(owner, name, timed)
+
+    assert hook.heads is not None  # type: ignore[attr-defined]
+    wrap(hook.heads, "fit", "heads_fit")  # type: ignore[attr-defined]
+    wrap(meta_module, "downstream_gradient_and_loss", "g_down")
+    wrap(meta_module, "weighted_feedback_loss", "calibration")
+    for name, stage in (("design", "design"), ("value", "value"),
+                        ("_designer_update", "designer_update")):
+        wrap(hook, name, stage)
+    wrap(trainer, "learner_step", "learner_step")
+
+
+def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
+                 stages: dict[str, float] | None = None) -> float:
+    """Mean seconds per training step (hooks included) over ``steps`` steps after ``warmup``;
+    with ``stages``, also the mean milliseconds per step of each stage of the meta step."""
     from designers.config import V_CHOICES, VConfig
     from designers.meta import DesignerHook
     from dinov.train.trainer import Trainer
@@ -159,16 +189,23 @@ def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2)
                                    "train.progress=none", *overrides], schema=VConfig,
                           choices=V_CHOICES)
         torch.manual_seed(0)
-        trainer = Trainer(cfg, hooks=[DesignerHook(cfg)])
+        hook = DesignerHook(cfg)
+        trainer = Trainer(cfg, hooks=[hook])
         batches = trainer.stream.iterate(0)
         for _ in range(warmup):
             trainer.train_step(next(batches))
             trainer.step += 1
+        totals: dict[str, float] = {}
+        if stages is not None:
+            _timed_stages(hook, trainer, totals)
         start = time.perf_counter()
         for _ in range(steps):
             trainer.train_step(next(batches))
             trainer.step += 1
-        return (time.perf_counter() - start) / steps
+        elapsed = (time.perf_counter() - start) / steps
+        if stages is not None:
+            stages.update({k: round(1000 * v / steps, 1) for k, v in totals.items()})
+        return elapsed
 
 
 def vstep(args: argparse.Namespace) -> dict[str, float]:
@@ -177,15 +214,19 @@ def vstep(args: argparse.Namespace) -> dict[str, float]:
     common = ["designer.burn_in=0", *VSTEP_DEFAULTS, *args.vstep_overrides]
     plain = ["designer.kind=none", *common]
     designed = [f"designer.kind={args.vstep_designer}", *common]
+    stages: dict[str, float] = {}
     times = {"plain_a": step_seconds(args.vstep_config, plain, args.vstep_steps),
              "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"], args.vstep_steps),
-             "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], args.vstep_steps),
+             "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], args.vstep_steps,
+                                    stages=stages),
              "plain_b": step_seconds(args.vstep_config, plain, args.vstep_steps)}
     base = 0.5 * (times["plain_a"] + times["plain_b"])
     return {"vstep_every1_over_dino": round(times["every1"] / base, 4),
             "vstep_every4_over_dino": round(times["every4"] / base, 4),
             "vstep_dino_s": round(base, 4), "vstep_every1_s": round(times["every1"], 4),
-            "vstep_every4_s": round(times["every4"], 4), "vstep_config": args.vstep_config,
+            "vstep_every4_s": round(times["every4"], 4),
+            "vstep_every1_stage_ms": stages,
+            "vstep_config": args.vstep_config,
             "vstep_overrides": designed}
 
 

@@ -49,6 +49,7 @@ from designers.value import (
     unit_direction,
 )
 from designers.views import AugmentationDesigner
+from dinov.distributed import is_distributed, uses_fsdp
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
@@ -113,6 +114,12 @@ class DesignerHook(StepHook):
         """
         if self.kind == "none" or self.designer is not None:
             return
+        if uses_fsdp(trainer.cfg.dist):
+            # fd perturbs θ_S in place; on FSDP shards the direction's norm and ε would be
+            # per shard (designers/value.py), which is not handled yet
+            raise NotImplementedError(
+                f"designer.kind={self.kind} with FSDP (dist.strategy={trainer.cfg.dist.strategy}) "
+                "is not supported yet; use dist.strategy=ddp")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.feedback.seed)
             self.designer = self._build_designer(trainer).to(trainer.device)
@@ -238,6 +245,14 @@ class DesignerHook(StepHook):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g
+        if is_distributed():
+            # every rank evaluated V on its own images: one designer, the average gradient
+            # (heads and g_down agree already: same backbone, same seeded feedback batches)
+            flat = torch.cat([p.grad.reshape(-1) for p in params])
+            torch.distributed.all_reduce(flat)
+            flat /= torch.distributed.get_world_size()
+            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
+                p.grad = g.view_as(p)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 

@@ -41,6 +41,9 @@ JOBS = [
     ("fsdp", "fsdp", ["dist.strategy=fsdp", "probe.enabled=true", "probe.num_train=32",
                       "probe.num_val=32", "probe.epochs=3"]),
     ("ddp_nan", "ddp_nan", ["dist.strategy=ddp", "train.steps=2"]),
+    # V-pretraining under DDP (configs/vsmoke.yaml, a meta step every 2 steps)
+    ("ddp_vpre", "ddp_vpre", ["dist.strategy=ddp", "feedback.synthetic_head_pool=16",
+                              "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
 ]
 
 
@@ -88,6 +91,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     """One rank: every job of JOBS in turn, in one gloo process group."""
     import torch.distributed as dist
 
+    from designers.config import V_CHOICES, VConfig
+    from designers.meta import DesignerHook
     from dinov.train.trainer import Trainer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
@@ -100,10 +105,23 @@ def _worker(rank: int, port: int, root: str) -> None:
                             timeout=datetime.timedelta(seconds=120))
     try:
         for name, run_dir, extra in JOBS:
-            cfg = load_config(SMOKE, [f"output_dir={out / 'runs' / run_dir}", *COMMON, *extra])
-            trainer = Trainer(cfg, hooks=[_PoisonRank1FirstStep()] if name == "ddp_nan" else [])
+            overrides = [f"output_dir={out / 'runs' / run_dir}", *COMMON, *extra]
+            hooks: list[StepHook] = [_PoisonRank1FirstStep()] if name == "ddp_nan" else []
+            if name == "ddp_vpre":
+                cfg = load_config("configs/vsmoke.yaml", overrides, schema=VConfig, choices=V_CHOICES)
+                hooks = [DesignerHook(cfg)]
+            else:
+                cfg = load_config(SMOKE, overrides)
+            trainer = Trainer(cfg, hooks=hooks)
+            start: dict[str, torch.Tensor] = {}
+            if name == "ddp_vpre":
+                hooks[0].setup(trainer)
+                start = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
             results = trainer.fit()
             state = {"results": results, "weights": _full_weights(trainer.model)}
+            if name == "ddp_vpre":
+                state["designer"] = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
+                state["designer_start"] = start
             torch.save(state, out / f"{name}.rank{rank}.result")
     except BaseException:
         (out / f"error.rank{rank}.txt").write_text(traceback.format_exc())
@@ -275,3 +293,13 @@ def test_unknown_strategy_is_an_error(tmp_path: pathlib.Path) -> None:
         load_config(SMOKE, [f"output_dir={tmp_path}", "dist.strategy=zero3"])
     with pytest.raises(ValueError, match="dist.strategy must be one of"):  # built in code
         distributed.init_distributed(DistributedConfig(strategy="zero3"))
+
+
+def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
+    """Each rank evaluates V on its own images; the designer gradient is averaged, so the
+    designers (and the learners) stay identical across ranks, and they did move."""
+    rank0, rank1 = _result(runs, "ddp_vpre", 0), _result(runs, "ddp_vpre", 1)
+    _assert_same(rank0["weights"], rank1["weights"])
+    _assert_same(rank0["designer"], rank1["designer"])
+    assert any(not torch.equal(rank0["designer"][k], rank0["designer_start"][k]) for k in rank0["designer"])
+    assert rank0["results"]["designer_meta_steps"] == 2.0
