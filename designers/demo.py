@@ -298,7 +298,7 @@ def plot_designs(s: DemoSettings, arms: dict[str, dict[str, Any]], path: pathlib
     import matplotlib.pyplot as plt
     import torch.nn.functional as F
 
-    cfg = arm_config(s, "mask", pathlib.Path(arms["mask"]["checkpoint"]))
+    cfg = arm_config(s, "baseline", pathlib.Path(arms["baseline"]["checkpoint"]))
     images = _fixed_images(8, cfg.data.image_size)
     size = cfg.crops.global_crops_size
     mean = torch.tensor(cfg.crops.normalize_mean).view(1, 3, 1, 1)
@@ -306,13 +306,13 @@ def plot_designs(s: DemoSettings, arms: dict[str, dict[str, Any]], path: pathlib
     rows: list[tuple[str, torch.Tensor]] = [("image", F.interpolate(images, size=(size, size), mode="bilinear",
                                                                     antialias=True))]
     with torch.no_grad():
-        mask_state = _hook_state(arms["mask"]["checkpoint"])
+        mask_state = _hook_state(arms["mask"]["checkpoint"]) if "mask" in arms else {}
         if mask_state:
             designer = SoftMaskDesigner()
             designer.load_state_dict(mask_state["designer"])
             views, mu = designer.eval()((rows[0][1] - mean) / std)
             rows += [("mask μ", mu.expand(-1, 3, -1, -1)), ("masked view", views * std + mean)]
-        aug_state = _hook_state(arms["augment"]["checkpoint"])
+        aug_state = _hook_state(arms["augment"]["checkpoint"]) if "augment" in arms else {}
         if aug_state:
             aug = AugmentationDesigner(cfg.crops, view="global1")
             aug.load_state_dict(aug_state["designer"])
