@@ -32,6 +32,8 @@ class DesignerConfig:
     (mask designer; default: student views only). The ``lambda_*``/``kappa`` weights are
     the regularisers' (sparsity/TV for masks, prior/entropy for augmentations);
     ``token_temperature`` is the token-mask designer's relaxation temperature.
+    ``augment_local``: the augmentation designer also designs the local crops (a second
+    designer with DINO's local-crop ranges); false keeps DINO's multicrop local crops.
     """
 
     kind: str = "none"
@@ -46,6 +48,7 @@ class DesignerConfig:
     apply_to_teacher: bool = False
     fixed: bool = False
     token_temperature: float = 0.5
+    augment_local: bool = True
 
     def __post_init__(self) -> None:
         if self.every < 1:

@@ -200,6 +200,11 @@ def _scenes(n: int, size: int):  # noqa: ANN202  (a SceneBatch)
     return render_scenes(n, size, 12345)
 
 
+def global_view_designer(state: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The global-view augmentation designer's weights out of the hook's saved state."""
+    return {k.removeprefix("global."): v for k, v in state["designer"].items() if k.startswith("global.")}
+
+
 def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int = 8) -> dict[str, float]:
     """What an augmentation designer does to n fixed scenes, and DINO's default for each.
 
@@ -211,7 +216,7 @@ def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int
     for tag, load in (("", True), ("_default", False)):
         aug = AugmentationDesigner(cfg.crops, view="global1")
         if load:
-            aug.load_state_dict(state["designer"])
+            aug.load_state_dict(global_view_designer(state))
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
             raw_mean, raw_std = aug.predict(images)
@@ -315,7 +320,7 @@ def plot_designs(s: DemoSettings, arms: dict[str, dict[str, Any]], path: pathlib
         aug_state = _hook_state(arms["augment"]["checkpoint"]) if "augment" in arms else {}
         if aug_state:
             aug = AugmentationDesigner(cfg.crops, view="global1")
-            aug.load_state_dict(aug_state["designer"])
+            aug.load_state_dict(global_view_designer(aug_state))
             aug.eval()
             mean_view, _ = aug(images, size, sample=False)
             sampled, _ = aug(images, size, sample=True, generator=torch.Generator().manual_seed(0))

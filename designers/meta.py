@@ -104,7 +104,10 @@ class DesignerHook(StepHook):
         if self.kind == "token_mask":
             return TokenMaskDesigner(trainer.model.backbone.patch_size,
                                      temperature=self.cfg.designer.token_temperature)
-        return AugmentationDesigner(self.cfg.crops, view="global1")
+        views = {"global": AugmentationDesigner(self.cfg.crops, view="global1")}
+        if self.cfg.designer.augment_local:
+            views["local"] = AugmentationDesigner(self.cfg.crops, view="local")
+        return nn.ModuleDict(views)
 
     def setup(self, trainer: Trainer) -> None:
         """Build designer, optimizer, pools and heads once the learner exists.
@@ -152,14 +155,23 @@ class DesignerHook(StepHook):
             counts = task.masks.masks.sum(1).float()
             masks, soft = self.designer(task.student_global, counts / task.masks.masks.shape[1])
             return dataclasses.replace(task, masks=masks, soft_masks=soft), soft.new_zeros(())
-        # augmentation designer: every global view drawn from the source images, view-major
+        # augmentation designers: every view drawn from the source images, view-major; the
+        # local crops too unless designer.augment_local=false (then DINO's multicrop ones)
+        assert isinstance(self.designer, nn.ModuleDict)
         source = images.to(task.student_global.device)
-        size = self.cfg.crops.global_crops_size
-        outs = [self.designer(source, size) for _ in range(task.n_global)]
-        views = torch.cat([v for v, _ in outs])
-        reg = torch.stack([self.designer.regulariser(p, d.lambda_prior, d.lambda_entropy)
-                           for _, p in outs]).mean()
-        return dataclasses.replace(task, student_global=views, teacher_global=views), reg
+        crops = self.cfg.crops
+        plan = [("global", crops.global_crops_size, task.n_global)]
+        if "local" in self.designer and task.n_local > 0:
+            plan.append(("local", crops.local_crops_size, task.n_local))
+        views: dict[str, Tensor] = {}
+        regs = []
+        for kind, size, n_views in plan:
+            designer = self.designer[kind]
+            outs = [designer(source, size) for _ in range(n_views)]
+            views[kind] = torch.cat([v for v, _ in outs])
+            regs += [designer.regulariser(p, d.lambda_prior, d.lambda_entropy) for _, p in outs]
+        return dataclasses.replace(task, student_global=views["global"], teacher_global=views["global"],
+                                   local=views.get("local", task.local)), torch.stack(regs).mean()
 
     def is_meta_step(self, step: int) -> bool:
         d = self.cfg.designer

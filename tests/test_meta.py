@@ -205,6 +205,26 @@ def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
         assert not torch.equal(task.masks.masks, default.masks.masks)
 
 
+@pytest.mark.parametrize("augment_local", [True, False])
+def test_augmentation_designer_designs_local_crops(tmp_path, augment_local):
+    cfg = vcfg(tmp_path, "train.steps=1", "designer.kind=augment",
+               f"designer.augment_local={str(augment_local).lower()}")
+    hook, capture = DesignerHook(cfg), Capture()
+    trainer = Trainer(cfg, hooks=[hook, capture])
+    images = first_batch(trainer)
+    torch.manual_seed(5)
+    default = trainer.build_task(images)
+    torch.manual_seed(5)
+    trainer.train_step(images)
+    task = capture.tasks[0]
+    assert task.local.shape == default.local.shape
+    assert torch.equal(task.local, default.local) is not augment_local
+    assert ("local" in hook.designer) is augment_local
+    if augment_local:  # the local designer was updated by the meta step as well
+        assert hook.designer["local"].head.weight.grad is None  # grads cleared after the step
+        assert float(hook.optimizer.state[hook.designer["local"].head.weight]["step"]) == 1.0
+
+
 def test_fixed_designer_control(tmp_path):
     """designer.fixed: the initial designer shapes the views, no meta step, no feedback."""
     cfg = vcfg(tmp_path, "train.steps=3", "designer.fixed=true")
