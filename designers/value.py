@@ -23,6 +23,10 @@ Methods:
 - ``jvp``: forward-mode AD (``torch.func.jvp`` through ``torch.func.functional_call``);
   needs the module that owns ``params``.
 
+:func:`directional_derivative_split` is ``fd`` with the trunk below ``params`` run once
+(the meta step's estimator); its ``recompute=True`` keeps no graph between the passes
+(activation-checkpointing style) for memory.
+
 Contract for ``fn``: it reads parameters and buffers but updates no state (no BatchNorm
 running stats in train mode, no EMA, no centering update; pass precomputed no-grad
 teacher targets). The estimator itself only ever touches ``params``, and restores them
