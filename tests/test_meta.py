@@ -47,6 +47,21 @@ def first_batch(trainer: Trainer) -> torch.Tensor:
     return next(trainer.stream.iterate(0))
 
 
+def default_and_designed(cfg: VConfig) -> tuple[DesignerHook, dict[str, torch.Tensor], Task, Task]:
+    """One step with a designer hook: the hook, its designer before the step, the default
+    task built from the same RNG state and the designed task the learner got."""
+    hook, capture = DesignerHook(cfg), Capture()
+    trainer = Trainer(cfg, hooks=[hook, capture])
+    hook.setup(trainer)
+    start = params_of(hook.designer)
+    images = first_batch(trainer)
+    torch.manual_seed(5)
+    default = trainer.build_task(images)
+    torch.manual_seed(5)
+    trainer.train_step(images)
+    return hook, start, default, capture.tasks[0]
+
+
 def test_cli_run_changes_designer_and_fits_heads(tmp_path):
     cfg = vcfg(tmp_path / "a", "train.steps=4")
     hook = DesignerHook(cfg)
@@ -90,15 +105,7 @@ def test_feedback_never_reaches_the_learner_update(tmp_path):
 
 
 def test_designed_views_are_not_the_default_views(tmp_path):
-    cfg = vcfg(tmp_path, "train.steps=2")
-    hook, capture = DesignerHook(cfg), Capture()
-    trainer = Trainer(cfg, hooks=[hook, capture])
-    images = first_batch(trainer)
-    torch.manual_seed(5)
-    default = trainer.build_task(images)
-    torch.manual_seed(5)
-    trainer.train_step(images)
-    designed = capture.tasks[0]
+    _, _, default, designed = default_and_designed(vcfg(tmp_path, "train.steps=2"))
     assert not torch.equal(designed.student_global, default.student_global)
     assert torch.equal(designed.teacher_global, default.teacher_global)  # student views only
     assert torch.equal(designed.local, default.local)
@@ -209,14 +216,7 @@ def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
 def test_augmentation_designer_designs_local_crops(tmp_path, augment_local):
     cfg = vcfg(tmp_path, "train.steps=1", "designer.kind=augment",
                f"designer.augment_local={str(augment_local).lower()}")
-    hook, capture = DesignerHook(cfg), Capture()
-    trainer = Trainer(cfg, hooks=[hook, capture])
-    images = first_batch(trainer)
-    torch.manual_seed(5)
-    default = trainer.build_task(images)
-    torch.manual_seed(5)
-    trainer.train_step(images)
-    task = capture.tasks[0]
+    hook, _, default, task = default_and_designed(cfg)
     assert task.local.shape == default.local.shape
     assert torch.equal(task.local, default.local) is not augment_local
     assert ("local" in hook.designer) is augment_local
@@ -227,18 +227,10 @@ def test_augmentation_designer_designs_local_crops(tmp_path, augment_local):
 
 def test_fixed_designer_control(tmp_path):
     """designer.fixed: the initial designer shapes the views, no meta step, no feedback."""
-    cfg = vcfg(tmp_path, "train.steps=3", "designer.fixed=true")
-    hook, capture = DesignerHook(cfg), Capture()
-    trainer = Trainer(cfg, hooks=[hook, capture])
-    hook.setup(trainer)
-    start = params_of(hook.designer)
-    images = first_batch(trainer)
-    torch.manual_seed(5)
-    default = trainer.build_task(images)
-    torch.manual_seed(5)
-    trainer.train_step(images)
+    hook, start, default, designed = default_and_designed(
+        vcfg(tmp_path, "train.steps=3", "designer.fixed=true"))
     assert hook.pools is None and hook.heads is None and hook.meta_steps == 0
-    assert not torch.equal(capture.tasks[0].student_global, default.student_global)
+    assert not torch.equal(designed.student_global, default.student_global)
     for key, value in params_of(hook.designer).items():
         assert torch.equal(value, start[key]), key
     assert set(hook.state_dict()) == {"designer"}
