@@ -354,7 +354,7 @@ class FeedbackHeads(nn.Module):
         head-pool batches; returns the last step's losses. The backbone is untouched."""
         steps = self.cfg.head_steps if steps is None else steps
         device = next(self.parameters()).device
-        last: dict[str, float] = {}
+        last: dict[str, Tensor] = {}
         self.train()
         for _ in range(steps):
             batch = pools.sample("head", self.cfg.head_batch_size, self.sample_generator)
@@ -368,8 +368,8 @@ class FeedbackHeads(nn.Module):
             sum(losses.values()).backward()  # type: ignore[union-attr]
             self.optimizer.step()
             self.fit_steps += 1
-            last = {k: float(v.detach()) for k, v in losses.items()}
-        return last
+            last = {k: v.detach() for k, v in losses.items()}
+        return {k: float(v) for k, v in last.items()}  # one host sync, after the last step
 
 
 def _features(backbone: Backbone, batch: FeedbackBatch, depth_blocks: list[int]) -> dict[str, Tensor]:
