@@ -82,6 +82,7 @@ __all__ = [
     "aligned_parameters",
     "downstream_gradient_and_loss",
     "feedback_losses",
+    "weighted_feedback_loss",
 ]
 
 # First synthetic scene index used for feedback images; pretraining uses 0..num_samples-1.
@@ -435,6 +436,16 @@ def feedback_losses(
         return _head_losses(heads, backbone, batch, _features(backbone, batch, heads.depth_blocks))
 
 
+def weighted_feedback_loss(losses: dict[str, Tensor], cfg: FeedbackConfig) -> Tensor:
+    """L_down = alpha_seg * L_seg + alpha_depth * L_depth over the tasks with a non-zero alpha
+    (the one definition: g_down differentiates it, the calibration reads it)."""
+    weights = {"seg": cfg.alpha_seg, "depth": cfg.alpha_depth}
+    terms = [weights[k] * v for k, v in losses.items() if weights[k] != 0]
+    if not terms:
+        raise ValueError("the feedback batch has no labels for a task with a non-zero alpha")
+    return torch.stack(terms).sum()
+
+
 def downstream_gradient_and_loss(
     backbone: Backbone,
     heads: FeedbackHeads,
@@ -446,20 +457,15 @@ def downstream_gradient_and_loss(
     """(g_down, L_down) from one forward on a meta batch.
 
     L_down = alpha_seg * L_seg + alpha_depth * L_depth (detached; the calibration's "before"
-    value) and g_down = grad_{aligned_params} L_down as detached tensors shaped like ``aligned_params``. Heads and backbone run in eval mode and
-    nothing of theirs changes (no parameter, buffer or ``.grad``). With ``cfg.mode ==
+    value) and g_down = grad_{aligned_params} L_down as detached tensors shaped like
+    ``aligned_params``. Heads and backbone run in eval mode and nothing of theirs changes (no parameter, buffer or ``.grad``). With ``cfg.mode ==
     "random"`` returns a seeded Gaussian direction of the same global norm, drawn from
     ``generator`` (default: ``heads.random_generator``, which advances every call).
     """
     params = list(aligned_params)
     if not params:
         raise ValueError("downstream_gradient_and_loss needs at least one aligned parameter")
-    losses = feedback_losses(backbone, heads, batch)
-    weights = {"seg": cfg.alpha_seg, "depth": cfg.alpha_depth}
-    terms = [weights[k] * v for k, v in losses.items() if weights[k] != 0]
-    if not terms:
-        raise ValueError("the feedback batch has no labels for a task with a non-zero alpha")
-    total = torch.stack(terms).sum()
+    total = weighted_feedback_loss(feedback_losses(backbone, heads, batch), cfg)
     grads = torch.autograd.grad(total, params, allow_unused=True)
     g_down = [
         torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)

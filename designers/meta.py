@@ -40,6 +40,7 @@ from designers.feedback import (
     FeedbackPools,
     downstream_gradient_and_loss,
     feedback_losses,
+    weighted_feedback_loss,
 )
 from designers.masks import SoftMaskDesigner, TokenMaskDesigner
 from designers.value import (
@@ -65,16 +66,6 @@ def pearson_r(x: list[float], y: list[float]) -> float:
     a, b = a - a.mean(), b - b.mean()
     denom = float(a.norm() * b.norm())
     return float((a * b).sum()) / denom if denom > 0 else math.nan
-
-
-def weighted_feedback_loss(backbone: nn.Module, heads: FeedbackHeads, batch: FeedbackBatch,
-                           alpha_seg: float, alpha_depth: float) -> float:
-    """L_down = α_seg·L_seg + α_depth·L_depth on ``batch`` (no grad): the calibration target,
-    summed as :func:`downstream_gradient_and_loss` sums it (its value before the step)."""
-    weights = {"seg": alpha_seg, "depth": alpha_depth}
-    with torch.no_grad():
-        losses = feedback_losses(backbone, heads, batch)
-    return float(torch.stack([weights[k] * v for k, v in losses.items() if weights[k] != 0]).sum())
 
 
 class DesignerHook(StepHook):
@@ -271,16 +262,14 @@ class DesignerHook(StepHook):
     # ----- calibration ---------------------------------------------------------------------
     def after_step(self, trainer: Trainer, step: int, task: Task,
                    losses: dict[str, Tensor]) -> dict[str, float]:
-        if self.kind == "none":
-            return {}
-        if self.cfg.designer.fixed:
+        if self.kind == "none" or self.cfg.designer.fixed:
             return {}
         if self._pending is not None:
             assert self.heads is not None
             batch, before, value = self._pending
-            fb = self.cfg.feedback
-            after = weighted_feedback_loss(trainer.model.backbone, self.heads, batch,
-                                           fb.alpha_seg, fb.alpha_depth)
+            with torch.no_grad():
+                losses_after = feedback_losses(trainer.model.backbone, self.heads, batch)
+            after = float(weighted_feedback_loss(losses_after, self.cfg.feedback))
             self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
             self.realised.append(after - before)
             self._pending = None

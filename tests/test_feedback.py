@@ -152,12 +152,12 @@ def test_g_down_shapes_finite_and_nothing_changes(
     assert_bitwise_equal(before_h, snapshot(fitted))  # BN running stats included
     assert all(p.grad is None for p in backbone.parameters())
     assert backbone.training and fitted.training  # modes restored
-    # L_down from the same forward is the calibration's weighted loss (meta.py)
-    from designers.meta import weighted_feedback_loss
-
+    # L_down from the same forward is alpha_seg * L_seg + alpha_depth * L_depth
     cfg = tiny_cfg(alpha_seg=2.0)
     _, l_down = downstream_gradient_and_loss(backbone, fitted, meta_batch(pools), params, cfg)
-    expected = weighted_feedback_loss(backbone, fitted, meta_batch(pools), 2.0, cfg.alpha_depth)
+    with torch.no_grad():
+        losses = feedback_losses(backbone, fitted, meta_batch(pools))
+    expected = 2.0 * float(losses["seg"]) + cfg.alpha_depth * float(losses["depth"])
     assert float(l_down) == pytest.approx(expected, rel=1e-6)
 
 
