@@ -35,6 +35,7 @@ Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -44,6 +45,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -151,29 +153,32 @@ def worker(args: argparse.Namespace) -> None:
                 "device": device.type, "threads": torch.get_num_threads()}, args.out)
 
 
-def _timed_stages(hook: object, trainer: object, totals: dict[str, float]) -> None:
-    """Wrap the hook's stages (and the learner step) to accumulate their wall time."""
+def _timed_stages(hook: object, trainer: object, totals: dict[str, float]) -> contextlib.ExitStack:
+    """Patches that add each meta-step stage's (and the learner step's) wall time to
+    ``totals`` while the returned context is open; everything is restored on exit."""
     import designers.meta as meta_module
 
-    def wrap(owner: object, name: str, stage: str, module_level: bool = False) -> None:
+    def timed(owner: object, name: str, stage: str) -> contextlib.AbstractContextManager:
         inner = getattr(owner, name)
 
-        def timed(*args: object, **kwargs: object) -> object:
+        def wrapper(*args: object, **kwargs: object) -> object:
             start = time.perf_counter()
             out = inner(*args, **kwargs)
             totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - start
             return out
 
-        setattr(owner, name, timed)
+        return mock.patch.object(owner, name, wrapper)
 
-    assert hook.heads is not None  # type: ignore[attr-defined]
-    wrap(hook.heads, "fit", "heads_fit")  # type: ignore[attr-defined]
-    wrap(meta_module, "downstream_gradient_and_loss", "g_down")
-    wrap(meta_module, "weighted_feedback_loss", "calibration")
-    for name, stage in (("design", "design"), ("value", "value"),
-                        ("_designer_update", "designer_update")):
-        wrap(hook, name, stage)
-    wrap(trainer, "learner_step", "learner_step")
+    stack = contextlib.ExitStack()
+    for owner, name, stage in (
+        (hook.heads, "fit", "heads_fit"),  # type: ignore[attr-defined]
+        (meta_module, "downstream_gradient_and_loss", "g_down"),
+        (meta_module, "feedback_losses", "calibration"),  # the hook's one other feedback forward
+        (hook, "design", "design"), (hook, "value", "value"),
+        (hook, "_designer_update", "designer_update"), (trainer, "learner_step", "learner_step"),
+    ):
+        stack.enter_context(timed(owner, name, stage))
+    return stack
 
 
 def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
@@ -196,13 +201,13 @@ def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
             trainer.train_step(next(batches))
             trainer.step += 1
         totals: dict[str, float] = {}
-        if stages is not None:
-            _timed_stages(hook, trainer, totals)
-        start = time.perf_counter()
-        for _ in range(steps):
-            trainer.train_step(next(batches))
-            trainer.step += 1
-        elapsed = (time.perf_counter() - start) / steps
+        timing = _timed_stages(hook, trainer, totals) if stages is not None else contextlib.nullcontext()
+        with timing:
+            start = time.perf_counter()
+            for _ in range(steps):
+                trainer.train_step(next(batches))
+                trainer.step += 1
+            elapsed = (time.perf_counter() - start) / steps
         if stages is not None:
             stages.update({k: round(1000 * v / steps, 1) for k, v in totals.items()})
         return elapsed
