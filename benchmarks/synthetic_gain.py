@@ -30,10 +30,8 @@ import statistics
 import sys
 from typing import Any
 
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-
-import dinov  # noqa: E402,F401  (torchvision shim first)
-from designers.demo import ALL_ARMS, ARMS, DemoSettings, run_demo  # noqa: E402
+import dinov  # noqa: F401  (torchvision shim first)
+from designers.demo import ALL_ARMS, ARMS, DemoSettings, run_demo
 
 METRICS = ("seg_miou", "depth_rmse", "linear_top1", "calibration_r")
 KNOWN_GOOD = {"grayscale": 0.0, "abs_hue_shift": 0.0,

@@ -392,8 +392,6 @@ class _RecomputedCentralDifference(torch.autograd.Function):
         return (None, None, None, None, *grads)
 
 
-
-
 def aligned_parameters(backbone: nn.Module, n_last_blocks: int) -> list[nn.Parameter]:
     """The last ``n_last_blocks`` blocks' parameters plus the final norm's (aligned set S).
 

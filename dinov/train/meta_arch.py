@@ -109,8 +109,8 @@ class SSLMetaArch(nn.Module):
             logits = self._student_logits(global_out, local_cls, task)
         return self._losses(*logits, global_out.cls, task, targets)
 
-    def student_trunk(self, task: Task, targets: TeacherTargets, end: int) -> tuple[Callable[[], tuple[Tensor, ...]],
-                                                           Callable[..., Tensor]]:
+    def student_trunk(self, task: Task, targets: TeacherTargets, end: int
+                      ) -> tuple[Callable[[], tuple[Tensor, ...]], Callable[..., Tensor]]:
         """:meth:`student_losses` ``["total"]`` cut after block ``end - 1``, as two closures.
 
         ``trunk()`` returns the global (masked) and local crops' tokens after blocks
