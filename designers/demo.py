@@ -195,9 +195,14 @@ def evaluate(s: DemoSettings, data: pathlib.Path, checkpoint: str, out: pathlib.
 
 
 def _scenes(n: int, size: int):  # noqa: ANN202  (a SceneBatch)
+    """The fixed scenes every designer summary and plot is shown on."""
     from dinov.data.synthetic import render_scenes
 
     return render_scenes(n, size, 12345)
+
+
+def _fixed_images(n: int, size: int) -> torch.Tensor:
+    return _scenes(n, size).images.float().clamp(0, 1)
 
 
 def global_view_designer(state: dict[str, Any]) -> dict[str, torch.Tensor]:
@@ -211,7 +216,7 @@ def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int
     The scenes carry class identity in hue only, so the known-good choice is grayscale 0 and
     a small hue shift; ``*_default`` is the untrained designer (DINO's defaults).
     """
-    images = _scenes(n, cfg.data.image_size).images.float().clamp(0, 1)
+    images = _fixed_images(n, cfg.data.image_size)
     out: dict[str, float] = {}
     for tag, load in (("", True), ("_default", False)):
         aug = AugmentationDesigner(cfg.crops, view="global1")
@@ -291,12 +296,6 @@ def _hook_state(checkpoint: str) -> dict[str, Any]:
     return hooks[0]
 
 
-def _fixed_images(n: int = 8, size: int = 48) -> torch.Tensor:
-    from dinov.data.synthetic import render_scenes
-
-    return render_scenes(n, size, 12345).images.float().clamp(0, 1)
-
-
 def plot_designs(s: DemoSettings, arms: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
     """Rows: the 8 fixed images, the mask designer's μ and masked view, the augmentation
     designer's mean-parameter view and one sampled view (final designers of the arms)."""
@@ -344,7 +343,7 @@ def plot_calibration(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> Non
     """Predicted (−lr·V) against realised ΔL_down per meta step, one panel per designed arm."""
     import matplotlib.pyplot as plt
 
-    names = [a for a in arms if ALL_ARMS[a][0] != "none" and "designer.fixed=true" not in ALL_ARMS[a][2]]
+    names = [a for a in arms if "calibration_r" in arms[a]]  # arms that took meta steps
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, arm in zip(axes[0], names, strict=True):
         state = _hook_state(arms[arm]["checkpoint"])
