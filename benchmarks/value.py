@@ -7,9 +7,11 @@ final norm), then ``autograd.grad(V, φ)`` for a per-image brightness designer �
 precomputed teacher targets. ``train_step`` is the learner's forward + backward of the
 same loss (no optimizer).
 
-- ``fd``: the meta step's estimator: central difference split at the aligned blocks
-  (:meth:`SSLMetaArch.student_trunk` + :func:`designers.value.directional_derivative_split`):
-  the trunk once, the aligned blocks and heads at θ_S ± εv.
+- ``fd``: the meta step's estimator, through the meta step's own call
+  (:func:`designers.meta.designed_loss_derivative`): central difference split at the
+  aligned blocks, the trunk once, the aligned blocks and heads at θ_S ± εv. ``exact``
+  and ``jvp`` go through the same call; in all of them the learner parameters outside
+  θ_S are frozen while the graph is built (:func:`designers.value.grad_only_for`).
 - ``fd_recompute``: the same with ``value.recompute=true`` (trunk and perturbed passes
   recomputed in the backward: less memory, more time).
 - ``fd_plain``: fd over the whole network twice (no split), for reference.
@@ -51,11 +53,9 @@ import torch
 from torch import Tensor
 
 import dinov  # noqa: F401  (torchvision shim first)
-from designers.value import (
-    aligned_parameters,
-    directional_derivative,
-    directional_derivative_split,
-)
+from designers.config import ValueConfig
+from designers.meta import designed_loss_derivative
+from designers.value import aligned_parameters, directional_derivative, grad_only_for
 from dinov.config import load_config
 from dinov.data.masking import sample_block_masks
 from dinov.train.meta_arch import SSLMetaArch
@@ -99,23 +99,20 @@ def build(overrides: list[str], aligned: int, device: torch.device
         designed = Task(task.student_global * scale_g, task.teacher_global,
                         task.local * scale_l, task.masks, 2, n_local)
 
-        def fn() -> Tensor:
-            return meta.student_losses(designed, targets)["total"]
-
-        if variant in ("fd", "fd_recompute"):  # the meta step's fd: split at the aligned blocks
-            trunk, head = meta.student_trunk(designed, targets, meta.num_blocks - aligned)
-            value = directional_derivative_split(trunk, head, params, direction,
-                                                 recompute=variant == "fd_recompute")
-            (grad,) = torch.autograd.grad(value, phi)
-            return grad.detach().cpu()
         if variant == "train_step":
-            fn().backward()
+            meta.student_losses(designed, targets)["total"].backward()
             meta.zero_grad(set_to_none=True)
             return torch.zeros(batch)
-        method = "fd" if variant == "fd_plain" else variant
-        value = directional_derivative(fn, params, direction, method=method, module=meta.student)
+        if variant == "fd_plain":  # fd over the whole student twice, for reference
+            with grad_only_for(meta.student.parameters(), keep=params):
+                value = directional_derivative(
+                    lambda: meta.student_losses(designed, targets)["total"], params, direction)
+        else:  # what the meta step runs (designers.meta.DesignerHook.value)
+            method = "fd" if variant.startswith("fd") else variant
+            cfg = ValueConfig(method=method, align_last_n_blocks=aligned,
+                              recompute=variant == "fd_recompute")
+            value = designed_loss_derivative(meta, designed, targets, params, direction, cfg)
         (grad,) = torch.autograd.grad(value, phi)
-        meta.zero_grad(set_to_none=True)  # exact's backward also reaches the params
         return grad.detach().cpu()
 
     return run, batch

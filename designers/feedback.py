@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -59,7 +60,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from designers.value import aligned_parameters  # theta_S, shared with the value estimator
+from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
 from dinov.models import Backbone
@@ -465,7 +466,9 @@ def downstream_gradient_and_loss(
     params = list(aligned_params)
     if not params:
         raise ValueError("downstream_gradient_and_loss needs at least one aligned parameter")
-    total = weighted_feedback_loss(feedback_losses(backbone, heads, batch), cfg)
+    # a graph to the aligned parameters only: the blocks below them build none
+    with grad_only_for(itertools.chain(backbone.parameters(), heads.parameters()), keep=params):
+        total = weighted_feedback_loss(feedback_losses(backbone, heads, batch), cfg)
     grads = torch.autograd.grad(total, params, allow_unused=True)
     g_down = [
         torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)

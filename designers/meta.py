@@ -28,12 +28,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
 
-from designers.config import VConfig
+from designers.config import ValueConfig, VConfig
 from designers.feedback import (
     FeedbackBatch,
     FeedbackHeads,
@@ -47,6 +48,7 @@ from designers.value import (
     aligned_parameters,
     directional_derivative,
     directional_derivative_split,
+    grad_only_for,
     unit_direction,
 )
 from designers.views import AugmentationDesigner
@@ -54,6 +56,7 @@ from dinov.distributed import is_distributed, uses_fsdp
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
+    from dinov.train.meta_arch import SSLMetaArch, TeacherTargets
     from dinov.train.trainer import Trainer
 
 
@@ -66,6 +69,38 @@ def pearson_r(x: list[float], y: list[float]) -> float:
     a, b = a - a.mean(), b - b.mean()
     denom = float(a.norm() * b.norm())
     return float((a * b).sum()) / denom if denom > 0 else math.nan
+
+
+def designed_loss_derivative(model: SSLMetaArch, designed: Task, targets: TeacherTargets,
+                             aligned: list[nn.Parameter], direction: list[Tensor],
+                             cfg: ValueConfig) -> Tensor:
+    """d/dε L_pre(θ_S + ε·v; designed) along the unit ``direction`` v, by ``cfg.method``.
+
+    The student loss on the designed task against fixed teacher ``targets``; with ``fd``
+    split at the aligned blocks (the trunk once). The graph reaches the designer (and,
+    for ``exact``, θ_S) only: every other learner parameter is frozen while it is built.
+    """
+    student = list(model.student.parameters())
+
+    def graph_to_designer(fn: Callable[..., Any]) -> Callable[..., Any]:
+        # inside each closure, so that recomputation in the backward (value.recompute)
+        # sees the same requires_grad flags as the forward
+        def run(*args: Any) -> Any:
+            with grad_only_for(student, keep=aligned):
+                return fn(*args)
+        return run
+
+    if cfg.method == "fd":
+        trunk, head = model.student_trunk(designed, targets,
+                                          model.num_blocks - cfg.align_last_n_blocks)
+        return directional_derivative_split(graph_to_designer(trunk), graph_to_designer(head),
+                                            aligned, direction, eps=cfg.eps,
+                                            recompute=cfg.recompute)
+    # around the call: jvp's functorch transform allows no flag changes inside it
+    with grad_only_for(student, keep=aligned):
+        return directional_derivative(lambda: model.student_losses(designed, targets)["total"],
+                                      aligned, direction, method=cfg.method, eps=cfg.eps,
+                                      module=model.student)
 
 
 class DesignerHook(StepHook):
@@ -220,21 +255,12 @@ class DesignerHook(StepHook):
         Differentiable in the designer; the teacher targets are a no-grad constant.
         """
         model = trainer.model
-        cfg = self.cfg.value
         temp = trainer.schedules.at(step)["teacher_temp"]
         # the teacher is a constant: targets once, before the perturbed passes
         with torch.no_grad():
             targets = model.teacher_targets(designed, temp)
         _, norm = unit_direction(g_down)
-        if cfg.method == "fd":
-            start = model.num_blocks - cfg.align_last_n_blocks
-            trunk, head = model.student_trunk(designed, targets, start)
-            deriv = directional_derivative_split(trunk, head, aligned, g_down, eps=cfg.eps,
-                                                 recompute=cfg.recompute)
-        else:
-            deriv = directional_derivative(
-                lambda: model.student_losses(designed, targets)["total"], aligned, g_down,
-                method=cfg.method, eps=cfg.eps, module=model.student)
+        deriv = designed_loss_derivative(model, designed, targets, aligned, g_down, self.cfg.value)
         return norm.to(deriv.dtype) * deriv
 
     def _designer_update(self, loss: Tensor) -> None:

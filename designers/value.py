@@ -41,7 +41,7 @@ a graph through ``params``): take designer gradients with
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from typing import Any
 
@@ -113,6 +113,21 @@ def _detached(params: Sequence[Tensor]) -> Iterator[None]:
     finally:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def grad_only_for(params: Iterable[Tensor], keep: Sequence[Tensor] = ()) -> Iterator[None]:
+    """Of ``params``, only those in ``keep`` require grad inside the block; flags restored.
+
+    Wrap a value evaluation (or a ``g_down`` forward) in it with every learner parameter
+    in ``params`` and the ones differentiated in ``keep``: layers whose weights need no
+    gradient then save no activations for one (a linear layer keeps only what its input
+    gradient needs), so the graph to the designer is smaller. Graphs built inside stay
+    valid after the block.
+    """
+    keep_ids = {id(p) for p in keep}
+    with _detached([p for p in params if id(p) not in keep_ids]):
+        yield
 
 
 @contextlib.contextmanager

@@ -19,6 +19,7 @@ from designers.value import (
     aligned_parameters,
     directional_derivative,
     directional_derivative_split,
+    grad_only_for,
     unit_direction,
 )
 from dinov.config import load_config
@@ -247,3 +248,39 @@ def test_bad_arguments() -> None:
         directional_derivative(lambda: w.sum(), [w], [torch.ones(3)], method="bogus")
     with pytest.raises(ValueError, match="module"):
         directional_derivative(lambda: w.sum(), [w], [torch.ones(3)], method="jvp")
+
+
+def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
+    """fn() and the bytes autograd saved for its backward (storages counted once)."""
+    seen: dict[int, int] = {}
+
+    def pack(t: Tensor) -> Tensor:
+        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return out, sum(seen.values())
+
+
+def test_grad_only_for_saves_less_and_keeps_the_gradients() -> None:
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
+                              torch.nn.GELU(), torch.nn.Linear(64, 1))
+    kept = list(net[4].parameters())
+    x = torch.randn(32, 8, requires_grad=True)
+    full, full_bytes = _saved_bytes(lambda: net(x).sum())
+    with grad_only_for(net.parameters(), keep=kept):
+        lean, lean_bytes = _saved_bytes(lambda: net(x).sum())
+    # flags are back, and the graph built inside still works after the block
+    assert all(p.requires_grad for p in net.parameters())
+    assert torch.equal(full, lean)
+    got = torch.autograd.grad(lean, [x, *kept])
+    want = torch.autograd.grad(full, [x, *kept])
+    for g, w in zip(got, want, strict=True):
+        assert torch.equal(g, w)
+    # the frozen linear layers kept no inputs for their weight gradients: x (32x8) and
+    # the first GELU's output (32x64) are gone; the kept last layer still saves its input
+    assert full_bytes - lean_bytes == (32 * 8 + 32 * 64) * 4
+    with pytest.raises(RuntimeError, match="not have been used in the graph"):
+        torch.autograd.grad(lean, net[0].weight)
