@@ -129,6 +129,7 @@ class FeedbackConfig:
     head_lr: float = 1e-3
     head_weight_decay: float = 0.0
     head_steps: int = 10  # head-fitting steps per meta step
+    head_warmup_steps: int = 0  # steps of the first fit (fresh heads); 0: head_steps
     head_batch_size: int = 32
     meta_batch_size: int = 32
     seed: int = 0
@@ -141,6 +142,9 @@ class FeedbackConfig:
             raise ValueError(f"feedback.mode must be one of {MODES}, got {self.mode!r}")
         if self.alpha_seg < 0 or self.alpha_depth < 0 or self.alpha_seg + self.alpha_depth == 0:
             raise ValueError("feedback.alpha_seg/alpha_depth must be >= 0 and not both 0")
+        if self.head_steps < 1 or self.head_warmup_steps < 0:
+            raise ValueError(f"feedback.head_steps must be >= 1 and feedback.head_warmup_steps "
+                             f">= 0, got {self.head_steps} and {self.head_warmup_steps}")
 
 
 # ---------------------------------------------------------------------- pools
@@ -352,9 +356,18 @@ class FeedbackHeads(nn.Module):
     def fit(
         self, backbone: Backbone, pools: FeedbackPools, steps: int | None = None
     ) -> dict[str, float]:
-        """Train both heads ``steps`` (default ``cfg.head_steps``) steps on frozen features of
-        head-pool batches; returns the last step's losses. The backbone is untouched."""
-        steps = self.cfg.head_steps if steps is None else steps
+        """Train both heads ``steps`` steps on frozen features of head-pool batches; returns
+        the last step's losses. The backbone is untouched.
+
+        Default ``steps``: ``cfg.head_warmup_steps`` for the first fit of fresh heads (when
+        set), ``cfg.head_steps`` after it. The heads persist between meta steps, so later
+        fits only track a slowly moving backbone; a long first fit and short later ones
+        give ``g_down`` from fitted heads from the first meta step at a fraction of the
+        cost (each head step is a backbone forward of ``head_batch_size`` images per task).
+        """
+        if steps is None:
+            first = self.fit_steps == 0 and self.cfg.head_warmup_steps > 0
+            steps = self.cfg.head_warmup_steps if first else self.cfg.head_steps
         device = next(self.parameters()).device
         last: dict[str, Tensor] = {}
         self.train()

@@ -123,6 +123,27 @@ def test_fit_lowers_head_losses(backbone: Backbone, pools: FeedbackPools) -> Non
         assert torch.equal(opt_a[k]["exp_avg"], opt_b[k]["exp_avg"])
 
 
+def test_first_fit_takes_the_warmup_steps(backbone: Backbone, pools: FeedbackPools) -> None:
+    cfg = tiny_cfg(head_warmup_steps=7, head_steps=2)
+    torch.manual_seed(0)  # the heads' initialisation
+    heads = FeedbackHeads(backbone, cfg, pools.num_classes)
+    heads.fit(backbone, pools)
+    assert heads.fit_steps == 7
+    heads.fit(backbone, pools)
+    assert heads.fit_steps == 9
+    # the same steps taken one call at a time land on the same heads: warm-up is only
+    # the first call's step count, nothing else changes
+    torch.manual_seed(0)
+    stepwise = FeedbackHeads(backbone, tiny_cfg(head_steps=1), pools.num_classes)
+    for _ in range(9):
+        stepwise.fit(backbone, pools)
+    for (name, a), b in zip(heads.state_dict().items(), stepwise.state_dict().values(), strict=True):
+        if isinstance(a, torch.Tensor):
+            assert torch.equal(a, b), name
+    with pytest.raises(ValueError, match="head_warmup_steps"):
+        tiny_cfg(head_warmup_steps=-1)
+
+
 @pytest.fixture(scope="module")
 def fitted(backbone: Backbone, pools: FeedbackPools) -> FeedbackHeads:
     heads = FeedbackHeads(backbone, tiny_cfg(), pools.num_classes)
