@@ -25,7 +25,8 @@ Methods:
 
 :func:`directional_derivative_split` is ``fd`` with the trunk below ``params`` run once
 (the meta step's estimator); its ``recompute=True`` keeps no graph between the passes
-(activation-checkpointing style) for memory.
+(activation-checkpointing style) for memory. :func:`grad_only_for` freezes the model's
+other parameters while such a graph is built, so it stores nothing for their gradients.
 
 Contract for ``fn``: it reads parameters and buffers but updates no state (no BatchNorm
 running stats in train mode, no EMA, no centering update; pass precomputed no-grad
