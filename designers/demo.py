@@ -214,7 +214,8 @@ def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int
     """What an augmentation designer does to n fixed scenes, and DINO's default for each.
 
     The scenes carry class identity in hue only, so the known-good choice is grayscale 0 and
-    a small hue shift; ``*_default`` is the untrained designer (DINO's defaults).
+    little hue jitter (``hue_jitter``: the std of the hue shift over draws for one image,
+    averaged over images); ``*_default`` is the untrained designer (DINO's defaults).
     """
     images = _fixed_images(n, cfg.data.image_size)
     out: dict[str, float] = {}
@@ -231,6 +232,10 @@ def augment_summary(cfg: VConfig, state: dict[str, Any], n: int = 64, draws: int
         col = {name: sampled[..., i] for i, name in enumerate(names)}
         out[f"grayscale{tag}"] = round(float(col["grayscale"].mean()), 4)
         out[f"abs_hue_shift{tag}"] = round(float(col["hue"].abs().mean()), 4)
+        # |hue| mixes a constant offset (harmless: a bijection on hue) with random jitter
+        # across views (what destroys class identity): report both
+        out[f"hue_mean{tag}"] = round(float(col["hue"].mean()), 4)
+        out[f"hue_jitter{tag}"] = round(float(col["hue"].std(0).mean()), 4)
         out[f"saturation{tag}"] = round(float(col["saturation"].mean()), 4)
         out[f"blur_sigma{tag}"] = round(float(col["blur_sigma"].mean()), 4)
     return out
