@@ -170,7 +170,7 @@ def _timed_stages(hook: object, trainer: object, totals: dict[str, float]) -> co
     for owner, name, stage in (
         (hook.heads, "fit", "heads_fit"),  # type: ignore[attr-defined]
         (meta_module, "downstream_gradient_and_loss", "g_down"),
-        (meta_module, "feedback_losses", "calibration"),  # the hook's one other feedback forward
+        (meta_module, "downstream_loss", "calibration"),  # the hook's one other feedback forward
         (hook, "design", "design"), (hook, "value", "value"),
         (hook, "_designer_update", "designer_update"), (trainer, "learner_step", "learner_step"),
     ):

@@ -63,6 +63,7 @@ from torch import Tensor, nn
 from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
+from dinov.distributed import all_reduce_mean_list, average_gradients, is_distributed
 from dinov.models import Backbone
 from eval.common import normalize
 from eval.depth_head import (
@@ -82,7 +83,9 @@ __all__ = [
     "FeedbackPools",
     "aligned_parameters",
     "downstream_gradient_and_loss",
+    "downstream_loss",
     "feedback_losses",
+    "this_ranks_share",
     "weighted_feedback_loss",
 ]
 
@@ -168,6 +171,34 @@ class FeedbackBatch:
         if self.depth_images is not None and self.depth_images is self.seg_images:
             moved["depth_images"] = moved["seg_images"]  # keep the shared-images identity
         return FeedbackBatch(**moved)
+
+    def shard(self, rank: int, world_size: int) -> FeedbackBatch:
+        """Rank ``rank``'s rows: the batch cut into ``world_size`` near-equal contiguous parts."""
+        parts: dict[str, Tensor | None] = {}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                parts[f.name] = None
+                continue
+            if value.shape[0] < world_size:
+                raise ValueError(
+                    f"a feedback batch of {value.shape[0]} images cannot be shared by {world_size} "
+                    f"ranks: set feedback.head_batch_size and feedback.meta_batch_size >= {world_size}")
+            parts[f.name] = value.tensor_split(world_size)[rank]
+        if self.depth_images is not None and self.depth_images is self.seg_images:
+            parts["depth_images"] = parts["seg_images"]
+        return FeedbackBatch(**parts)
+
+
+def this_ranks_share(batch: FeedbackBatch) -> FeedbackBatch:
+    """Under DDP, this rank's share of a batch every rank sampled alike (else the batch).
+
+    Head fitting, ``g_down`` and the calibration each run on 1/world of their batch per
+    rank and average over ranks, instead of every rank repeating the whole batch.
+    """
+    if not is_distributed():
+        return batch
+    return batch.shard(torch.distributed.get_rank(), torch.distributed.get_world_size())
 
 
 @dataclass
@@ -371,9 +402,10 @@ class FeedbackHeads(nn.Module):
         device = next(self.parameters()).device
         last: dict[str, Tensor] = {}
         self.train()
+        params = list(self.parameters())
         for _ in range(steps):
             batch = pools.sample("head", self.cfg.head_batch_size, self.sample_generator)
-            batch = batch.to(device)
+            batch = this_ranks_share(batch).to(device)
             with torch.no_grad(), _eval_mode(backbone):
                 feats = _features(backbone, batch, self.depth_blocks)
             feats = {k: v.detach() for k, v in feats.items()}
@@ -381,9 +413,17 @@ class FeedbackHeads(nn.Module):
             losses = _head_losses(self, backbone, batch, feats)
             self.optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()  # type: ignore[union-attr]
+            average_gradients(params)  # DDP: one step on the whole batch, same on every rank
             self.optimizer.step()
             self.fit_steps += 1
             last = {k: v.detach() for k, v in losses.items()}
+        if is_distributed():
+            # BatchNorm ran on each rank's share: average its running statistics so that
+            # the eval-mode heads (g_down, calibration) are the same everywhere
+            buffers = [b for b in self.buffers() if b.is_floating_point()]
+            for b, mean in zip(buffers, all_reduce_mean_list(buffers), strict=True):
+                b.copy_(mean)
+            last = dict(zip(last, all_reduce_mean_list(list(last.values())), strict=True))
         return {k: float(v) for k, v in last.items()}  # one host sync, after the last step
 
 
@@ -460,6 +500,15 @@ def weighted_feedback_loss(losses: dict[str, Tensor], cfg: FeedbackConfig) -> Te
     return torch.stack(terms).sum()
 
 
+@torch.no_grad()
+def downstream_loss(backbone: Backbone, heads: FeedbackHeads, batch: FeedbackBatch,
+                    cfg: FeedbackConfig) -> Tensor:
+    """L_down of ``batch`` without a graph, as :func:`downstream_gradient_and_loss` takes it
+    (under DDP: each rank's share, averaged over ranks): the calibration's "after" value."""
+    total = weighted_feedback_loss(feedback_losses(backbone, heads, this_ranks_share(batch)), cfg)
+    return all_reduce_mean_list([total])[0]
+
+
 def downstream_gradient_and_loss(
     backbone: Backbone,
     heads: FeedbackHeads,
@@ -481,13 +530,15 @@ def downstream_gradient_and_loss(
         raise ValueError("downstream_gradient_and_loss needs at least one aligned parameter")
     # a graph to the aligned parameters only: the blocks below them build none
     with grad_only_for(itertools.chain(backbone.parameters(), heads.parameters()), keep=params):
-        total = weighted_feedback_loss(feedback_losses(backbone, heads, batch), cfg)
+        total = weighted_feedback_loss(feedback_losses(backbone, heads, this_ranks_share(batch)), cfg)
     grads = torch.autograd.grad(total, params, allow_unused=True)
     g_down = [
         torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)
     ]
+    # DDP: the mean over ranks' shares (one all-reduce; the identity in one process)
+    *g_down, total = all_reduce_mean_list([*g_down, total.detach().to(g_down[0].dtype)])
     if cfg.mode == "real":
-        return g_down, total.detach()
+        return g_down, total
     norm = torch.sqrt(sum(g.double().square().sum() for g in g_down))  # type: ignore[arg-type]
     gen = heads.random_generator if generator is None else generator
     # Drawn on the CPU so a seed gives the same direction on every device.
@@ -495,4 +546,4 @@ def downstream_gradient_and_loss(
     noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noise))
     scale = float(norm) / max(noise_norm, 1e-30)
     random = [(n * scale).to(device=p.device, dtype=p.dtype) for n, p in zip(noise, params, strict=True)]
-    return random, total.detach()
+    return random, total

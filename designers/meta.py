@@ -22,6 +22,11 @@ Cost: with ``value.method=fd`` the value runs split at the aligned blocks
 (:meth:`SSLMetaArch.student_trunk` + :func:`directional_derivative_split`): the trunk
 once, only the aligned blocks and heads at θ_S ± εv; ``value.batch_size`` evaluates V on
 the first images of the batch only.
+
+DDP: each rank evaluates V on its own images and the designer gradient is averaged;
+head fitting, ``g_down`` and the calibration run on each rank's share of the same
+feedback batches and are averaged (:func:`designers.feedback.this_ranks_share`), so
+heads and designer stay identical on every rank.
 """
 
 from __future__ import annotations
@@ -40,8 +45,7 @@ from designers.feedback import (
     FeedbackHeads,
     FeedbackPools,
     downstream_gradient_and_loss,
-    feedback_losses,
-    weighted_feedback_loss,
+    downstream_loss,
 )
 from designers.masks import SoftMaskDesigner, TokenMaskDesigner
 from designers.value import (
@@ -52,7 +56,7 @@ from designers.value import (
     unit_direction,
 )
 from designers.views import AugmentationDesigner
-from dinov.distributed import is_distributed, uses_fsdp
+from dinov.distributed import average_gradients, uses_fsdp
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
@@ -274,14 +278,9 @@ class DesignerHook(StepHook):
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         for p, g in zip(params, grads, strict=True):
             p.grad = torch.zeros_like(p) if g is None else g
-        if is_distributed():
-            # every rank evaluated V on its own images: one designer, the average gradient
-            # (heads and g_down agree already: same backbone, same seeded feedback batches)
-            flat = torch.cat([p.grad.reshape(-1) for p in params])
-            torch.distributed.all_reduce(flat)
-            flat /= torch.distributed.get_world_size()
-            for p, g in zip(params, flat.split([p.numel() for p in params]), strict=True):
-                p.grad = g.view_as(p)
+        # every rank evaluated V on its own images: one designer, the average gradient
+        # (heads and g_down agree already: fitted and taken on shares of the same batches)
+        average_gradients(params)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
 
@@ -293,9 +292,8 @@ class DesignerHook(StepHook):
         if self._pending is not None:
             assert self.heads is not None
             batch, before, value = self._pending
-            with torch.no_grad():
-                losses_after = feedback_losses(trainer.model.backbone, self.heads, batch)
-            after = float(weighted_feedback_loss(losses_after, self.cfg.feedback))
+            after = float(downstream_loss(trainer.model.backbone, self.heads, batch,
+                                          self.cfg.feedback))
             self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
             self.realised.append(after - before)
             self._pending = None

@@ -221,6 +221,34 @@ def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def all_reduce_mean_list(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Means over ranks of several tensors with one all-reduce of their concatenation.
+
+    Returns new tensors shaped like the inputs (the inputs themselves when not
+    distributed). All tensors must share a dtype and device.
+    """
+    if not is_distributed() or not tensors:
+        return list(tensors)
+    flat = torch.cat([t.detach().reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    return [part.view_as(t) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors,
+                                               strict=True)]
+
+
+def average_gradients(params: list[nn.Parameter]) -> None:
+    """Replace every ``param.grad`` by its mean over ranks (a missing one counts as zeros).
+
+    For modules trained outside DDP on each rank's share of a batch (the designer, the
+    feedback heads): one all-reduce, so they take identical steps on every rank.
+    """
+    if not is_distributed():
+        return
+    grads = [torch.zeros_like(p) if p.grad is None else p.grad for p in params]
+    for p, g in zip(params, all_reduce_mean_list(grads), strict=True):
+        p.grad = g
+
+
 # ----- full state dicts -------------------------------------------------------------------
 def _full_options() -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions

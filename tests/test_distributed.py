@@ -122,6 +122,9 @@ def _worker(rank: int, port: int, root: str) -> None:
             if name == "ddp_vpre":
                 state["designer"] = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
                 state["designer_start"] = start
+                state["heads"] = {k: v.clone() for k, v in hooks[0].heads.state_dict().items()
+                                  if isinstance(v, torch.Tensor)}
+                state["realised"] = torch.tensor(hooks[0].realised, dtype=torch.float64)
             torch.save(state, out / f"{name}.rank{rank}.result")
     except BaseException:
         (out / f"error.rank{rank}.txt").write_text(traceback.format_exc())
@@ -303,3 +306,9 @@ def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
     _assert_same(rank0["designer"], rank1["designer"])
     assert any(not torch.equal(rank0["designer"][k], rank0["designer_start"][k]) for k in rank0["designer"])
     assert rank0["results"]["designer_meta_steps"] == 2.0
+    # heads fitted, g_down and the calibration taken on each rank's half of the feedback
+    # batches and averaged: the heads (BatchNorm running statistics included) and the
+    # realised L_down changes are the same on both ranks
+    _assert_same(rank0["heads"], rank1["heads"])
+    assert any("running_mean" in k for k in rank0["heads"])
+    assert rank0["realised"].numel() == 2 and torch.equal(rank0["realised"], rank1["realised"])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import pathlib
 
 import pytest
@@ -15,6 +16,7 @@ from designers.feedback import (
     FeedbackPools,
     aligned_parameters,
     downstream_gradient_and_loss,
+    downstream_loss,
     feedback_losses,
 )
 from dinov.config import load_config
@@ -242,3 +244,27 @@ def test_real_source_from_layouts(tmp_path: pathlib.Path, backbone: Backbone) ->
     assert all(torch.isfinite(t).all() for t in g) and float(flat(g).norm()) > 0
     with pytest.raises(ValueError, match="cannot fill"):
         FeedbackPools(dataclasses.replace(cfg, seg_head_pool=100))
+
+
+def test_shards_cover_the_batch_and_average_to_its_gradient(
+        backbone: Backbone, pools: FeedbackPools, fitted: FeedbackHeads) -> None:
+    """What each DDP rank does with its share: the shards are the batch's rows in order,
+    and with a loss that is a mean over equally many pixels per image (seg, no ignored
+    pixels; eval-mode BN is per image) the mean of the shards' g_down is the batch's."""
+    batch = meta_batch(pools)
+    shards = [batch.shard(r, 2) for r in range(2)]
+    assert all(s.depth_images is s.seg_images for s in shards)  # shared trunk kept
+    for name in ("seg_images", "seg_labels", "depth"):
+        assert torch.equal(torch.cat([getattr(s, name) for s in shards]), getattr(batch, name))
+    assert not (batch.seg_labels == 255).any()
+    cfg = tiny_cfg(alpha_depth=0.0)
+    aligned = aligned_parameters(backbone, 2)
+    whole, whole_loss = downstream_gradient_and_loss(backbone, fitted, batch, aligned, cfg)
+    parts = [downstream_gradient_and_loss(backbone, fitted, s, aligned, cfg) for s in shards]
+    mean = [(a + b) / 2 for a, b in zip(parts[0][0], parts[1][0], strict=True)]
+    torch.testing.assert_close(flat(mean), flat(whole), rtol=1e-4, atol=1e-7)
+    assert math.isclose(float(parts[0][1] + parts[1][1]) / 2, float(whole_loss), rel_tol=1e-5)
+    assert math.isclose(float(downstream_loss(backbone, fitted, batch, cfg)), float(whole_loss),
+                        rel_tol=1e-6)
+    with pytest.raises(ValueError, match="feedback.head_batch_size"):
+        batch.shard(0, 9)
