@@ -42,11 +42,13 @@ How each one is applied, differentiably in its parameter (DESIGN section 7):
   only the probability needs relaxing: blending by ``s`` gives gradients to ``s`` and
   to the image without a sigmoid threshold, and ``s = 1`` is exactly DINO's op.
 
-Regulariser: ``λ_prior · mean(((value(mean) − default)/(hi − lo))²) − λ_entropy · mean(log std)``:
+Regulariser: ``λ_prior · mean(((value(mean) − default)/(hi − lo))²) − λ_entropy · mean(H)``:
 the predicted means are pulled toward the default DINO augmentation (in units of each
-range, so no parameter dominates) and the entropy of the Gaussian noise (``log std``
-up to constants) is rewarded so the designer does not collapse to deterministic views.
-The std is bounded, ``std_max·sigmoid(·)``, so the entropy reward cannot run away.
+range, so no parameter dominates) and the entropy H of each drawn parameter (in units
+of its range: ``log std`` of the Gaussian plus the log-derivative of the squashing
+sigmoid at the draw, up to constants) is rewarded so the designer does not collapse to
+deterministic views. The std is bounded, ``std_max·sigmoid(·)``, and a mean in the
+sigmoid's flat tail lowers H, so the entropy reward cannot run away.
 """
 
 from __future__ import annotations
@@ -183,8 +185,8 @@ class AugmentationDesigner(nn.Module):
     ``forward(images, out_size)`` with images (B, 3, H, W) in [0, 1] returns
     ``(views, params)``: views (B, 3, S, S) (normalised with ``cfg.normalize_*`` when
     ``normalize``), params a dict of (B,) sampled physical values per name in
-    :data:`PARAM_NAMES` plus ``flip`` (B,), ``raw_mean`` and ``raw_std`` (B, P) for
-    :meth:`regulariser`.
+    :data:`PARAM_NAMES` plus ``flip`` (B,), ``raw_mean``, ``raw_std`` and the drawn
+    ``raw`` (B, P) for :meth:`regulariser`.
 
     Initialisation: the head's weights are small and its bias puts the mean at the DINO
     defaults and the std at ``init_std``, so the designer starts as a per-image noisy
@@ -283,13 +285,24 @@ class AugmentationDesigner(nn.Module):
         views = augment(images, params, out_size, flip)
         if self.normalize:
             views = (views - self.mean_rgb) / self.std_rgb
-        return views, {**params, "flip": flip.float(), "raw_mean": raw_mean, "raw_std": raw_std}
+        return views, {**params, "flip": flip.float(), "raw_mean": raw_mean, "raw_std": raw_std,
+                       "raw": raw}
 
     def regulariser(
         self, params: dict[str, Tensor], lambda_prior: float = 1.0, lambda_entropy: float = 0.01
     ) -> Tensor:
-        """Pull the predicted means toward DINO's defaults; reward noise entropy (log std)."""
+        """Pull the predicted means toward DINO's defaults; reward the entropy of the drawn
+        parameters.
+
+        The entropy is the drawn value's, ``y = lo + w·sigmoid(z)``, in units of its range:
+        ``H(y) = H(z) + E[log sigmoid'(z)] = log std + E[log σ(z) + log(1 − σ(z))]`` + const,
+        the expectation estimated at the drawn ``z``. With ``log std`` alone a mean pushed
+        into the sigmoid's flat tail kept its reward while ``y`` barely varied (the demo's
+        hue went to its bound with a jitter of 0.004 of a turn).
+        """
         mean_values = self.bounded(params["raw_mean"])
         prior = (((mean_values - self.default) / self.width) ** 2).mean()
-        entropy = params["raw_std"].clamp_min(1e-12).log().mean()
+        raw = params["raw"]
+        log_jacobian = F.logsigmoid(raw) + F.logsigmoid(-raw)
+        entropy = (params["raw_std"].clamp_min(1e-12).log() + log_jacobian).mean()
         return lambda_prior * prior - lambda_entropy * entropy

@@ -204,10 +204,25 @@ def test_augmentation_regulariser_minimal_at_dino_defaults() -> None:
         moved["raw_mean"] = params["raw_mean"] + 0.5 * torch.randn(
             params["raw_mean"].shape, generator=gen)
         assert designer.regulariser(moved, lambda_entropy=0.0) > at_default
-    # the entropy term rewards noise: a larger std lowers the regulariser
-    wider = {**params, "raw_std": params["raw_std"] * 1.5}
-    assert designer.regulariser(wider, lambda_entropy=0.1) < designer.regulariser(
-        params, lambda_entropy=0.1)
+    # the entropy term rewards noise in the drawn values: a larger std (same draws)
+    # lowers the regulariser ...
+    eps = (params["raw"] - params["raw_mean"]) / params["raw_std"]
+
+    def drawn(raw_mean: torch.Tensor, raw_std: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {**params, "raw_mean": raw_mean, "raw_std": raw_std, "raw": raw_mean + raw_std * eps}
+
+    base = drawn(torch.zeros_like(eps), torch.full_like(eps, 0.5))
+    wider = drawn(torch.zeros_like(eps), torch.full_like(eps, 0.75))
+    assert designer.regulariser(wider, lambda_prior=0.0) < designer.regulariser(base, lambda_prior=0.0)
+    # ... and a mean deep in the sigmoid's tail, where the same std moves the drawn value
+    # by almost nothing, counts as (much) less entropy: exactly, log std + E log σ'(z)
+    tail = drawn(torch.full_like(eps, 6.0), torch.full_like(eps, 0.5))
+    reg_base = designer.regulariser(base, lambda_prior=0.0)
+    reg_tail = designer.regulariser(tail, lambda_prior=0.0)
+    z = tail["raw"]
+    expected = -(math.log(0.5) + (torch.sigmoid(z) * torch.sigmoid(-z)).log()).mean()
+    assert torch.allclose(reg_tail, expected * 0.01, rtol=1e-5)
+    assert reg_tail - reg_base > 0.01 * 4.0  # ≥ 4 nats less entropy per parameter
 
 
 def test_augmentation_defaults_follow_crops_config() -> None:
