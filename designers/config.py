@@ -34,6 +34,11 @@ class DesignerConfig:
     ``token_temperature`` is the token-mask designer's relaxation temperature.
     ``augment_local``: the augmentation designer also designs the local crops (a second
     designer with DINO's local-crop ranges); false keeps DINO's multicrop local crops.
+    ``teacher_gradient``: V's designer gradient also flows through the teacher's views
+    (their targets computed with a graph; teacher weights stay constant). It matters where
+    the teacher sees designed views: the augmentation designer, or the mask designer
+    with ``apply_to_teacher``; the token-mask designer only chooses discrete patch indices
+    of the teacher's targets, which carry no gradient.
     """
 
     kind: str = "none"
@@ -49,6 +54,7 @@ class DesignerConfig:
     fixed: bool = False
     token_temperature: float = 0.5
     augment_local: bool = True
+    teacher_gradient: bool = False
 
     def __post_init__(self) -> None:
         if self.every < 1:
@@ -88,6 +94,12 @@ class VConfig(Config):
     designer: DesignerConfig = field(default_factory=DesignerConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+
+    def __post_init__(self) -> None:
+        if self.designer.teacher_gradient and self.value.recompute:
+            # the recomputed head passes take the trunk's outputs as their only inputs;
+            # a gradient to graph-carrying teacher targets would be dropped silently
+            raise ValueError("designer.teacher_gradient=true needs value.recompute=false")
 
 
 # merged with dinov.config's own choices by load_config

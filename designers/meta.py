@@ -256,13 +256,15 @@ class DesignerHook(StepHook):
               g_down: list[Tensor]) -> Tensor:
         """V = ‖g_down‖·d/dε L_pre(θ_S + ε·ĝ) ≈ g_downᵀ∇θ_S L_pre.
 
-        Differentiable in the designer; the teacher targets are a no-grad constant.
+        Differentiable in the designer; the teacher targets are a no-grad constant unless
+        ``designer.teacher_gradient`` (then differentiable in the teacher's designed views).
         """
         model = trainer.model
         temp = trainer.schedules.at(step)["teacher_temp"]
-        # the teacher is a constant: targets once, before the perturbed passes
-        with torch.no_grad():
-            targets = model.teacher_targets(designed, temp)
+        # the teacher's weights are constants: targets once, before the perturbed passes;
+        # with designer.teacher_gradient they keep a graph to the designed teacher views
+        targets = model.teacher_targets(designed, temp,
+                                        differentiable=self.cfg.designer.teacher_gradient)
         _, norm = unit_direction(g_down)
         deriv = designed_loss_derivative(model, designed, targets, aligned, g_down, self.cfg.value)
         return norm.to(deriv.dtype) * deriv

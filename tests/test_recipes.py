@@ -76,6 +76,7 @@ def test_ablations_change_one_control_each() -> None:
         "designer_none.yaml": {"designer.kind": "none"},
         "designer_fixed.yaml": {"designer.fixed": True},
         "mask_fixed.yaml": {"designer.kind": "mask", "designer.fixed": True},
+        "teacher_gradient.yaml": {"designer.teacher_gradient": True},
     }
     assert {p.name for p in ABLATIONS.glob("*.yaml")} == {"augment.yaml", *expected}
     for file, changes in expected.items():

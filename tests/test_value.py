@@ -284,3 +284,36 @@ def test_grad_only_for_saves_less_and_keeps_the_gradients() -> None:
     assert full_bytes - lean_bytes == (32 * 8 + 32 * 64) * 4
     with pytest.raises(RuntimeError, match="not have been used in the graph"):
         torch.autograd.grad(lean, net[0].weight)
+
+
+def test_designer_gradient_through_the_teacher_views(setup) -> None:
+    """designer.teacher_gradient: the teacher's views are designed too and their targets
+    (Sinkhorn-Knopp, the smoke config's centering) keep a graph; fd and jvp still agree
+    with exact, and the teacher path changes the gradient."""
+    from designers.config import ValueConfig
+    from designers.meta import designed_loss_derivative
+
+    meta, task, _ = setup
+    assert meta.cfg.loss.centering == "sinkhorn_knopp"
+    params = aligned_parameters(meta.backbone, 2)
+    direction = random_direction(params)
+
+    def grad(method: str, through_teacher: bool) -> Tensor:
+        phi = torch.zeros(BATCH, requires_grad=True)
+        view = designed(task, phi)
+        if through_teacher:
+            view = dataclasses.replace(
+                view, teacher_global=task.teacher_global * (1 + phi).repeat(task.n_global).view(-1, 1, 1, 1))
+        torch.manual_seed(123)
+        targets = meta.teacher_targets(view, teacher_temp=0.04, differentiable=through_teacher)
+        cfg = ValueConfig(method=method, align_last_n_blocks=2)
+        value = designed_loss_derivative(meta, view, targets, params, direction, cfg)
+        (g,) = torch.autograd.grad(value, phi)
+        meta.zero_grad(set_to_none=True)
+        return g
+
+    exact = grad("exact", True)
+    for method in ("fd", "jvp"):
+        assert cosine(grad(method, True), exact) >= 0.99, method
+    student_only = grad("exact", False)
+    assert (exact - student_only).abs().max() > 0.05 * exact.abs().max()

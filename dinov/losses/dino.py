@@ -47,28 +47,43 @@ def _sinkhorn_knopp(
     n_iterations: int,
     n_samples: Tensor | int | None = None,
 ) -> Tensor:
-    """Sinkhorn-Knopp on (B, K) logits; ``n_samples`` is the global B (default B * world size)."""
-    scaled = teacher_logits.float() * (1.0 / teacher_temp)  # a new tensor: edited in place below
+    """Sinkhorn-Knopp on (B, K) logits; ``n_samples`` is the global B (default B * world size).
+
+    In place (K is up to 65536) unless the logits carry a graph with grad mode on (the
+    designer's gradient through the teacher's views): then out of place, so autograd can
+    differentiate it. Under a process group the other ranks' sums are constants of that
+    gradient.
+    """
+    differentiable = torch.is_grad_enabled() and teacher_logits.requires_grad
+    wide = torch.promote_types(teacher_logits.dtype, torch.float32)
+    scaled = teacher_logits.to(wide) * (1.0 / teacher_temp)  # a new tensor: edited in place below
     # DINOv2 exponentiates directly. Subtracting a per-prototype max scales each row of Q
     # by a constant, which the first row normalisation removes exactly, so the result is
-    # unchanged while exp can no longer overflow. The max must be global across ranks:
-    # a per-rank max would scale each rank's columns differently and not cancel.
-    q = scaled.sub_(_prototype_max(scaled)).exp_()  # (B, K); in place: K is up to 65536
+    # unchanged while exp can no longer overflow (and the shift needs no gradient). The max
+    # must be global across ranks: a per-rank max would scale each rank's columns
+    # differently and not cancel.
+    shift = _prototype_max(scaled.detach())
+    q = (scaled - shift).exp() if differentiable else scaled.sub_(shift).exp_()  # (B, K)
     n_prototypes = q.shape[1]
     if n_samples is None:
         world = dist.get_world_size() if _distributed() else 1
         n_samples = q.shape[0] * world
-    q.div_(_all_reduce(q.sum()))
+    total = _all_reduce(q.sum())
+    q = q / total if differentiable else q.div_(total)
     # A sample whose logits underflow for every prototype would give 0/0; tiny keeps it 0.
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
-        # DINOv2's rows are prototypes; we keep (B, K) and scale columns, then rows, in
-        # place by reciprocals: two passes over Q per iteration instead of four.
+        # DINOv2's rows are prototypes; we keep (B, K) and scale columns, then rows, by
+        # reciprocals: two passes over Q per iteration instead of four.
         per_prototype = _all_reduce(q.sum(dim=0, keepdim=True))
+        if differentiable:
+            q = q / (per_prototype * n_prototypes)
+            q = q / (q.sum(dim=1, keepdim=True).clamp_min(tiny) * n_samples)
+            continue
         q.mul_(per_prototype.mul_(n_prototypes).reciprocal_())
         per_sample = q.sum(dim=1, keepdim=True).clamp_min_(tiny)
         q.mul_(per_sample.mul_(n_samples).reciprocal_())
-    return q.mul_(n_samples)
+    return q * n_samples if differentiable else q.mul_(n_samples)
 
 
 def sinkhorn_knopp_teacher(

@@ -82,8 +82,15 @@ class SSLMetaArch(nn.Module):
         logits = modules["dino_head"](torch.cat([cls_tokens, patch_tokens])).float()
         return logits[: cls_tokens.shape[0]], logits[cls_tokens.shape[0]:]
 
-    @torch.no_grad()
-    def teacher_targets(self, task: Task, teacher_temp: float) -> TeacherTargets:
+    def teacher_targets(self, task: Task, teacher_temp: float,
+                        differentiable: bool = False) -> TeacherTargets:
+        """The teacher's targets for ``task``; no graph unless ``differentiable``, which keeps
+        one to the task's teacher views (a designer's gradient through them). The teacher's
+        weights are never differentiated, and nothing here updates state."""
+        with torch.set_grad_enabled(differentiable):
+            return self._teacher_targets(task, teacher_temp)
+
+    def _teacher_targets(self, task: Task, teacher_temp: float) -> TeacherTargets:
         loss_cfg = self.cfg.loss
         with autocast_context(self.cfg.train.precision, task.teacher_global.device):
             out = self.teacher["backbone"](task.teacher_global)
