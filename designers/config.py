@@ -96,7 +96,7 @@ class VConfig(Config):
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     def __post_init__(self) -> None:
-        if self.designer.teacher_gradient and self.value.recompute:
+        if self.designer.teacher_gradient and self.value.recompute and self.value.method == "fd":
             # the recomputed head passes take the trunk's outputs as their only inputs;
             # a gradient to graph-carrying teacher targets would be dropped silently
             raise ValueError("designer.teacher_gradient=true needs value.recompute=false")

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
-from dinov.distributed import all_reduce_mean_list, average_gradients, is_distributed
+from dinov.distributed import all_gather_rows, all_reduce_mean_list, is_distributed
 from dinov.models import Backbone
 from eval.common import normalize
 from eval.depth_head import (
@@ -173,18 +173,19 @@ class FeedbackBatch:
         return FeedbackBatch(**moved)
 
     def shard(self, rank: int, world_size: int) -> FeedbackBatch:
-        """Rank ``rank``'s rows: the batch cut into ``world_size`` near-equal contiguous parts."""
+        """Rank ``rank``'s rows: the batch cut into ``world_size`` equal contiguous parts."""
         parts: dict[str, Tensor | None] = {}
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
             if value is None:
                 parts[f.name] = None
                 continue
-            if value.shape[0] < world_size:
+            if value.shape[0] % world_size:
                 raise ValueError(
-                    f"a feedback batch of {value.shape[0]} images cannot be shared by {world_size} "
-                    f"ranks: set feedback.head_batch_size and feedback.meta_batch_size >= {world_size}")
-            parts[f.name] = value.tensor_split(world_size)[rank]
+                    f"a feedback batch of {value.shape[0]} images cannot be shared equally by "
+                    f"{world_size} ranks: set feedback.head_batch_size and "
+                    f"feedback.meta_batch_size to multiples of {world_size}")
+            parts[f.name] = value.chunk(world_size)[rank]
         if self.depth_images is not None and self.depth_images is self.seg_images:
             parts["depth_images"] = parts["seg_images"]
         return FeedbackBatch(**parts)
@@ -193,8 +194,9 @@ class FeedbackBatch:
 def this_ranks_share(batch: FeedbackBatch) -> FeedbackBatch:
     """Under DDP, this rank's share of a batch every rank sampled alike (else the batch).
 
-    Head fitting, ``g_down`` and the calibration each run on 1/world of their batch per
-    rank and average over ranks, instead of every rank repeating the whole batch.
+    The backbone work of head fitting, ``g_down`` and the calibration is split this way:
+    each rank runs 1/world of the images (see :meth:`FeedbackHeads.fit` and
+    :func:`downstream_gradient_and_loss` for how the shares are recombined).
     """
     if not is_distributed():
         return batch
@@ -402,28 +404,21 @@ class FeedbackHeads(nn.Module):
         device = next(self.parameters()).device
         last: dict[str, Tensor] = {}
         self.train()
-        params = list(self.parameters())
         for _ in range(steps):
             batch = pools.sample("head", self.cfg.head_batch_size, self.sample_generator)
-            batch = this_ranks_share(batch).to(device)
+            # DDP: the backbone (the cost) runs on this rank's share; the gathered features
+            # are the whole batch's, so every rank takes the same step on the same batch as
+            # one process would (BatchNorm statistics of the whole batch included)
             with torch.no_grad(), _eval_mode(backbone):
-                feats = _features(backbone, batch, self.depth_blocks)
-            feats = {k: v.detach() for k, v in feats.items()}
+                feats = _features(backbone, this_ranks_share(batch).to(device), self.depth_blocks)
+            feats = {k: all_gather_rows(v.detach()) for k, v in feats.items()}
             # Both heads are fit regardless of the alphas: an alpha only weights g_down.
-            losses = _head_losses(self, backbone, batch, feats)
+            losses = _head_losses(self, backbone, batch.to(device), feats)
             self.optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()  # type: ignore[union-attr]
-            average_gradients(params)  # DDP: one step on the whole batch, same on every rank
             self.optimizer.step()
             self.fit_steps += 1
             last = {k: v.detach() for k, v in losses.items()}
-        if is_distributed():
-            # BatchNorm ran on each rank's share: average its running statistics so that
-            # the eval-mode heads (g_down, calibration) are the same everywhere
-            buffers = [b for b in self.buffers() if b.is_floating_point()]
-            for b, mean in zip(buffers, all_reduce_mean_list(buffers), strict=True):
-                b.copy_(mean)
-            last = dict(zip(last, all_reduce_mean_list(list(last.values())), strict=True))
         return {k: float(v) for k, v in last.items()}  # one host sync, after the last step
 
 
@@ -535,8 +530,11 @@ def downstream_gradient_and_loss(
     g_down = [
         torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params, strict=True)
     ]
-    # DDP: the mean over ranks' shares (one all-reduce; the identity in one process)
-    *g_down, total = all_reduce_mean_list([*g_down, total.detach().to(g_down[0].dtype)])
+    # DDP: the mean over the ranks' equal shares (one all-reduce; the identity in one
+    # process). That is the whole batch's gradient for per-image means (seg CE with the
+    # same valid-pixel count per share); for SigLoss, the mean of the shares' losses
+    *reduced, total = all_reduce_mean_list([*(g.float() for g in g_down), total.detach().float()])
+    g_down = [g.to(p.dtype) for g, p in zip(reduced, params, strict=True)]
     if cfg.mode == "real":
         return g_down, total
     norm = torch.sqrt(sum(g.double().square().sum() for g in g_down))  # type: ignore[arg-type]

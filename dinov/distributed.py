@@ -236,6 +236,16 @@ def all_reduce_mean_list(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
                                                strict=True)]
 
 
+def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``tensor`` (same shape on all) concatenated along dim 0 in rank order;
+    ``tensor`` itself when not distributed. No gradient flows through the gather."""
+    if not is_distributed():
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, tensor.contiguous())
+    return torch.cat(parts)
+
+
 def average_gradients(params: list[nn.Parameter]) -> None:
     """Replace every ``param.grad`` by its mean over ranks (a missing one counts as zeros).
 

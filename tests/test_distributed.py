@@ -87,6 +87,20 @@ class _PoisonRank1FirstStep(StepHook):
         return task
 
 
+def _fresh_heads_fit(cfg: Any, backbone: torch.nn.Module) -> dict[str, Any]:
+    """Fresh feedback heads fitted 3 steps on ``backbone`` (each rank: its share of the
+    images, gathered features); the test repeats it in one process."""
+    from designers.feedback import FeedbackHeads, FeedbackPools
+
+    pools = FeedbackPools(cfg.feedback)
+    torch.manual_seed(7)
+    heads = FeedbackHeads(backbone, cfg.feedback, pools.num_classes)
+    heads.fit(backbone, pools, steps=3)
+    return {"fresh_heads": {k: v.clone() for k, v in heads.state_dict().items()
+                            if isinstance(v, torch.Tensor)},
+            "backbone": {k: v.clone() for k, v in backbone.state_dict().items()}}
+
+
 def _worker(rank: int, port: int, root: str) -> None:
     """One rank: every job of JOBS in turn, in one gloo process group."""
     import torch.distributed as dist
@@ -125,6 +139,7 @@ def _worker(rank: int, port: int, root: str) -> None:
                 state["heads"] = {k: v.clone() for k, v in hooks[0].heads.state_dict().items()
                                   if isinstance(v, torch.Tensor)}
                 state["realised"] = torch.tensor(hooks[0].realised, dtype=torch.float64)
+                state.update(_fresh_heads_fit(cfg, trainer.model.backbone))
             torch.save(state, out / f"{name}.rank{rank}.result")
     except BaseException:
         (out / f"error.rank{rank}.txt").write_text(traceback.format_exc())
@@ -312,3 +327,30 @@ def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
     _assert_same(rank0["heads"], rank1["heads"])
     assert any("running_mean" in k for k in rank0["heads"])
     assert rank0["realised"].numel() == 2 and torch.equal(rank0["realised"], rank1["realised"])
+
+
+def test_ddp_head_fit_equals_one_process(runs: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Each rank ran the backbone on half of every head batch; the gathered features made
+    the fit the one a single process takes on the whole batches."""
+    from designers.config import V_CHOICES, VConfig
+    from designers.feedback import FeedbackHeads, FeedbackPools
+    from dinov.models import build_backbone
+
+    rank0 = _result(runs, "ddp_vpre", 0)
+    job = next(extra for name, _, extra in JOBS if name == "ddp_vpre")
+    overrides = [o for o in job if not o.startswith("dist.")]
+    cfg = load_config("configs/vsmoke.yaml", [f"output_dir={tmp_path}", *overrides],
+                      schema=VConfig, choices=V_CHOICES)
+    backbone = build_backbone(cfg.model)
+    backbone.load_state_dict(rank0["backbone"])
+    pools = FeedbackPools(cfg.feedback)
+    torch.manual_seed(7)
+    heads = FeedbackHeads(backbone, cfg.feedback, pools.num_classes)
+    before = {k: v.clone() for k, v in heads.state_dict().items() if isinstance(v, torch.Tensor)}
+    heads.fit(backbone, pools, steps=3)
+    fitted = {k: v for k, v in heads.state_dict().items() if isinstance(v, torch.Tensor)}
+    assert fitted.keys() == rank0["fresh_heads"].keys()
+    assert any(not torch.equal(before[k], fitted[k]) for k in fitted)
+    for key in fitted:
+        torch.testing.assert_close(rank0["fresh_heads"][key], fitted[key], rtol=1e-4, atol=1e-5,
+                                   msg=key)

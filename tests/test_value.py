@@ -317,3 +317,9 @@ def test_designer_gradient_through_the_teacher_views(setup) -> None:
         assert cosine(grad(method, True), exact) >= 0.99, method
     student_only = grad("exact", False)
     assert (exact - student_only).abs().max() > 0.05 * exact.abs().max()
+    # the recomputing fd would drop the teacher path: refused, not silently wrong
+    view = dataclasses.replace(task, teacher_global=task.teacher_global.clone().requires_grad_())
+    targets = meta.teacher_targets(view, teacher_temp=0.04, differentiable=True)
+    cfg = ValueConfig(method="fd", align_last_n_blocks=2, recompute=True)
+    with pytest.raises(ValueError, match="value.recompute=true cannot differentiate"):
+        designed_loss_derivative(meta, view, targets, params, direction, cfg)

@@ -27,6 +27,15 @@ def _all_reduce(tensor: Tensor, op: dist.ReduceOp.RedOpType = dist.ReduceOp.SUM)
     return tensor
 
 
+def _summed_over_ranks(tensor: Tensor) -> Tensor:
+    """Σ over ranks of a tensor that carries a graph: the gradient reaches this rank's term
+    only (the other ranks' are constants), with no in-place collective on a graph tensor."""
+    if not _distributed():
+        return tensor
+    total = _all_reduce(tensor.detach().clone())
+    return tensor + (total - tensor.detach())
+
+
 def softmax_center_teacher(teacher_logits: Tensor, center: Tensor, teacher_temp: float) -> Tensor:
     """Teacher targets ``softmax((teacher_logits - center) / teacher_temp)`` over the last dim."""
     return F.softmax((teacher_logits.float() - center).mul_(1.0 / teacher_temp), dim=-1)
@@ -68,18 +77,17 @@ def _sinkhorn_knopp(
     if n_samples is None:
         world = dist.get_world_size() if _distributed() else 1
         n_samples = q.shape[0] * world
-    total = _all_reduce(q.sum())
-    q = q / total if differentiable else q.div_(total)
+    q = q / _summed_over_ranks(q.sum()) if differentiable else q.div_(_all_reduce(q.sum()))
     # A sample whose logits underflow for every prototype would give 0/0; tiny keeps it 0.
     tiny = torch.finfo(q.dtype).tiny
     for _ in range(n_iterations):
         # DINOv2's rows are prototypes; we keep (B, K) and scale columns, then rows, by
         # reciprocals: two passes over Q per iteration instead of four.
-        per_prototype = _all_reduce(q.sum(dim=0, keepdim=True))
         if differentiable:
-            q = q / (per_prototype * n_prototypes)
+            q = q / (_summed_over_ranks(q.sum(dim=0, keepdim=True)) * n_prototypes)
             q = q / (q.sum(dim=1, keepdim=True).clamp_min(tiny) * n_samples)
             continue
+        per_prototype = _all_reduce(q.sum(dim=0, keepdim=True))
         q.mul_(per_prototype.mul_(n_prototypes).reciprocal_())
         per_sample = q.sum(dim=1, keepdim=True).clamp_min_(tiny)
         q.mul_(per_sample.mul_(n_samples).reciprocal_())
