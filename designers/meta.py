@@ -56,7 +56,7 @@ from designers.value import (
     unit_direction,
 )
 from designers.views import AugmentationDesigner
-from dinov.distributed import average_gradients, uses_fsdp
+from dinov.distributed import average_gradients, is_distributed, uses_fsdp
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
@@ -159,6 +159,14 @@ class DesignerHook(StepHook):
             raise NotImplementedError(
                 f"designer.kind={self.kind} with FSDP (dist.strategy={trainer.cfg.dist.strategy}) "
                 "is not supported yet; use dist.strategy=ddp")
+        fb = self.cfg.feedback
+        world = torch.distributed.get_world_size() if is_distributed() else 1
+        if not self.cfg.designer.fixed and (fb.head_batch_size % world or fb.meta_batch_size % world):
+            # checked here, not at the first meta step after a long burn-in: every rank
+            # runs the backbone on an equal share of each feedback batch
+            raise ValueError(
+                f"feedback.head_batch_size ({fb.head_batch_size}) and feedback.meta_batch_size "
+                f"({fb.meta_batch_size}) must be multiples of the world size ({world})")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.cfg.feedback.seed)
             self.designer = self._build_designer(trainer).to(trainer.device)
