@@ -71,7 +71,9 @@ class ValueConfig:
     ``align_last_n_blocks`` blocks + final norm); the fd step ``eps`` (relative to ‖θ_S‖).
     ``batch_size``: V is evaluated on the first ``batch_size`` images of the learner's
     batch (the unlabelled meta batch; 0 = the whole batch); the learner still trains on
-    the designed views of every image. ``recompute`` (fd only): recompute the trunk and
+    the designed views of every image. Per rank: under DDP each rank evaluates V on its
+    own images and the designer gradient is averaged, so the meta batch is world size ×
+    ``batch_size`` (``feedback.meta_batch_size`` and ``head_batch_size`` are global). ``recompute`` (fd only): recompute the trunk and
     the perturbed passes in the backward instead of keeping their graphs (less memory,
     more time; see :func:`designers.value.directional_derivative_split`).
     """

@@ -48,6 +48,9 @@ def test_full_scale_recipe_and_twins(name: str) -> None:
     assert 0.4 <= main.designer.kappa <= 0.6 and 0.1 <= main.designer.lambda_sparsity <= 0.4
     assert 0.04 <= main.designer.lambda_tv <= 0.16 and 2 <= main.value.align_last_n_blocks <= 4
     assert 16 <= main.feedback.meta_batch_size <= 64 and main.train.precision == "bf16"
+    # V's meta batch is per GPU x world: at the 1024-image batch's 32 GPUs, in 16..64 too
+    world = 1024 // main.data.batch_size
+    assert 16 <= world * main.value.batch_size <= 64 and main.feedback.meta_batch_size % world == 0
     assert (main.loss.student_temp, main.loss.teacher_temp) == (0.1, 0.04)
     assert (main.optim.momentum_teacher, main.optim.weight_decay) == (0.996, 0.04)
     assert (main.feedback.seg_head_pool, main.feedback.seg_meta_pool) == (2000, 512)
