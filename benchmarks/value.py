@@ -28,7 +28,9 @@ same loss (no optimizer).
   one process, interleaved. Settings: :data:`VSTEP_DEFAULTS` on ``--vstep-config``.
   ``vstep_every1_stage_ms``: where the time goes (ms per step with a meta step every step:
   head fitting, g_down, designer forward, V, designer update, calibration, learner step;
-  thin wrappers around each stage of the every-1 run).
+  thin wrappers around each stage of the every-1 run). ``--vstep-preset vits14`` measures
+  them at the smallest published scale instead (:data:`VSTEP_VITS14`; with
+  ``--vstep-only --vstep-steps 3 --vstep-warmup 1`` about 3 minutes on 2 cores).
 
 Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 (config overrides on top of ``configs/smoke.yaml``).
@@ -72,6 +74,19 @@ DEFAULTS = ["model.depth=8", "model.embed_dim=192", "model.num_heads=6", "data.b
 # U-Net costs as much as the learner, which no real backbone does) and V on 16 of the 64
 # images (the published meta batch is 16-64)
 VSTEP_DEFAULTS = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
+# the smallest published scale: a ViT-S/14 on 224/98-px crops (2 global + 2 local), 8 images
+# a step (a CPU budget), V on 2 of them, 2 head steps of 8 feedback images at 224 px, a
+# feedback meta batch of 8; about 2 minutes on 2 cores with --vstep-steps 3
+VSTEP_VITS14 = [
+    "model.arch=vit_small_patch14_dinov2", "model.img_size=224", "model.patch_size=14",
+    "model.embed_dim=384", "model.depth=12", "model.num_heads=6",
+    "crops.global_crops_size=224", "crops.local_crops_size=98", "crops.local_crops_number=2",
+    "data.image_size=256", "data.num_samples=64", "data.batch_size=8",
+    "head.out_dim=8192", "head.ibot_out_dim=8192", "head.hidden_dim=1024", "head.bottleneck_dim=256",
+    "feedback.image_size=224", "feedback.synthetic_head_pool=32", "feedback.synthetic_meta_pool=16",
+    "feedback.head_steps=2", "feedback.head_warmup_steps=2", "feedback.head_batch_size=8",
+    "feedback.meta_batch_size=8", "value.batch_size=2"]
+VSTEP_PRESETS = {"small": VSTEP_DEFAULTS, "vits14": VSTEP_VITS14}
 
 
 def build(overrides: list[str], aligned: int, device: torch.device
@@ -213,22 +228,27 @@ def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
 def vstep(args: argparse.Namespace) -> dict[str, float]:
     """The whole V-pretraining step against the plain step, in one process, interleaved
     (plain, every 4, every 1, plain again) so that drift of a shared machine cancels."""
-    common = ["designer.burn_in=0", *VSTEP_DEFAULTS, *args.vstep_overrides]
+    common = ["designer.burn_in=0", *VSTEP_PRESETS[args.vstep_preset], *args.vstep_overrides]
     plain = ["designer.kind=none", *common]
     designed = [f"designer.kind={args.vstep_designer}", *common]
     stages: dict[str, float] = {}
-    times = {"plain_a": step_seconds(args.vstep_config, plain, args.vstep_steps),
-             "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"], args.vstep_steps),
-             "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], args.vstep_steps,
+    n, warm = args.vstep_steps, args.vstep_warmup
+    # every 4: n rounded up to whole periods of 4 after the warm-up (step 0 is a meta step),
+    # so the timed steps hold meta steps in their true proportion
+    n4 = 4 * -(-n // 4)
+    times = {"plain_a": step_seconds(args.vstep_config, plain, n, warm),
+             "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"], n4,
+                                    warmup=4 * -(-warm // 4)),
+             "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], n, warm,
                                     stages=stages),
-             "plain_b": step_seconds(args.vstep_config, plain, args.vstep_steps)}
+             "plain_b": step_seconds(args.vstep_config, plain, n, warm)}
     base = 0.5 * (times["plain_a"] + times["plain_b"])
     return {"vstep_every1_over_dino": round(times["every1"] / base, 4),
             "vstep_every4_over_dino": round(times["every4"] / base, 4),
             "vstep_dino_s": round(base, 4), "vstep_every1_s": round(times["every1"], 4),
             "vstep_every4_s": round(times["every4"], 4),
             "vstep_every1_stage_ms": stages,
-            "vstep_config": args.vstep_config,
+            "vstep_config": args.vstep_config, "vstep_preset": args.vstep_preset,
             "vstep_overrides": designed}
 
 
@@ -240,6 +260,11 @@ def main() -> None:
                         help="V-pretraining config of the vstep_* ratios (the demo's)")
     parser.add_argument("--vstep-designer", default="mask")
     parser.add_argument("--vstep-steps", type=int, default=8, help="timed steps per setting")
+    parser.add_argument("--vstep-warmup", type=int, default=2, help="untimed steps first")
+    parser.add_argument("--vstep-preset", choices=sorted(VSTEP_PRESETS), default="small",
+                        help="model/crop/feedback scale of the vstep ratios (see VSTEP_PRESETS)")
+    parser.add_argument("--vstep-only", action="store_true",
+                        help="only the vstep ratios (skip the estimator comparison)")
     parser.add_argument("--vstep-overrides", nargs="*", default=[],
                         help="key=value overrides of the vstep config")
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
@@ -248,6 +273,9 @@ def main() -> None:
     args = parser.parse_args()
     if args.worker:
         worker(args)
+        return
+    if args.vstep_only:
+        print(json.dumps({"benchmark": "value", **vstep(args)}))
         return
     overrides = [*DEFAULTS, *args.overrides]
     results = {}
