@@ -26,7 +26,10 @@ the first images of the batch only.
 DDP: each rank evaluates V on its own images and the designer gradient is averaged;
 head fitting, ``g_down`` and the calibration run on each rank's share of the same
 feedback batches and are averaged (:func:`designers.feedback.this_ranks_share`), so
-heads and designer stay identical on every rank.
+heads and designer stay identical on every rank. FSDP2: the same, with the student
+unsharded for the meta step and the calibration
+(:func:`dinov.distributed.full_parameters`: full θ on every rank, so fd perturbs and
+restores whole tensors and FSDP does not re-gather shards in between); ``fd`` only.
 """
 
 from __future__ import annotations
@@ -56,7 +59,7 @@ from designers.value import (
     unit_direction,
 )
 from designers.views import AugmentationDesigner
-from dinov.distributed import average_gradients, is_distributed, uses_fsdp
+from dinov.distributed import average_gradients, full_parameters, is_distributed, uses_fsdp
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
@@ -153,12 +156,12 @@ class DesignerHook(StepHook):
         """
         if self.kind == "none" or self.designer is not None:
             return
-        if uses_fsdp(trainer.cfg.dist):
-            # fd perturbs θ_S in place; on FSDP shards the direction's norm and ε would be
-            # per shard (designers/value.py), which is not handled yet
+        if uses_fsdp(trainer.cfg.dist) and self.cfg.value.method != "fd":
+            # fd runs on the unsharded student (full_parameters); exact's double backward
+            # and jvp's functional_call through FSDP's hooks are not supported
             raise NotImplementedError(
-                f"designer.kind={self.kind} with FSDP (dist.strategy={trainer.cfg.dist.strategy}) "
-                "is not supported yet; use dist.strategy=ddp")
+                f"value.method={self.cfg.value.method} with FSDP (dist.strategy="
+                f"{trainer.cfg.dist.strategy}) is not supported; use value.method=fd")
         fb = self.cfg.feedback
         world = torch.distributed.get_world_size() if is_distributed() else 1
         if not self.cfg.designer.fixed and (fb.head_batch_size % world or fb.meta_batch_size % world):
@@ -231,7 +234,10 @@ class DesignerHook(StepHook):
         if step < self.cfg.designer.burn_in:
             return task
         if self.is_meta_step(step):
-            return self.meta_step(trainer, step, images, task)
+            # FSDP: the meta step calls the backbone's parts directly and perturbs θ_S in
+            # place, on full parameters (identical on every rank)
+            with full_parameters(trainer.model.student):
+                return self.meta_step(trainer, step, images, task)
         with torch.no_grad():
             return self.design(images, task)[0]
 
@@ -308,8 +314,9 @@ class DesignerHook(StepHook):
         if self._pending is not None:
             assert self.heads is not None
             batch, before, value = self._pending
-            after = float(downstream_loss(trainer.model.backbone, self.heads, batch,
-                                          self.cfg.feedback))
+            with full_parameters(trainer.model.student):
+                after = float(downstream_loss(trainer.model.backbone, self.heads, batch,
+                                              self.cfg.feedback))
             self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
             self.realised.append(after - before)
             self._pending = None

@@ -311,9 +311,10 @@ def directional_derivative(
     ``exact`` and ``jvp`` run attention on the math SDPA backend.
 
     Caveats (fd): activation checkpointing must be off for the blocks owning ``params``
-    (its backward recomputes them with the restored θ, not θ±εv); under FSDP the norms
-    of ``direction`` and θ here are per-shard, so a sharded caller must pass a
-    direction already normalised globally and accept a per-shard ε (not handled yet).
+    (its backward recomputes them with the restored θ, not θ±εv); ``params`` must be
+    full tensors, not FSDP shards (norms and ε would be per shard, and FSDP would
+    re-gather the restored shards in the backward): the meta step runs on an unsharded
+    student (:func:`dinov.distributed.full_parameters`).
     Low-precision params (bf16) realise the step only up to their rounding.
     """
     if method not in METHODS:

@@ -19,11 +19,13 @@ or FSDP run loads in a single-process run and in the eval tools.
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import os
 import re
 import subprocess
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -189,6 +191,42 @@ def wrap_model(student: nn.ModuleDict, teacher: nn.ModuleDict, cfg: DistributedC
         # the backbone is used twice but its graph runs once in one backward), so the
         # default find_unused_parameters=False is right and costs no graph traversal.
         student[name] = nn.parallel.DistributedDataParallel(student[name], device_ids=device_ids)
+
+
+@contextlib.contextmanager
+def full_parameters(module: nn.Module) -> Iterator[None]:
+    """FSDP2: every FSDP unit in ``module`` unsharded for the block and kept so through the
+    forwards and backwards run inside it, so code may call submodules directly and edit
+    parameters in place (the value estimator's perturbed passes); resharded after, with
+    :func:`wrap_model`'s policy restored (blocks reshard after forward, part roots do not).
+    A no-op for a module without FSDP units (single process, DDP).
+    """
+    from torch.distributed.fsdp import FSDPModule
+
+    units = [m for m in module.modules() if isinstance(m, FSDPModule)]
+    if not units:
+        yield
+        return
+    roots = {id(m) for name, m in module.named_modules()
+             if isinstance(m, FSDPModule) and not _BLOCK_NAME.search(name)}
+    for unit in units:
+        if id(unit) in roots:
+            # FSDP2 initialises lazily at the first forward through a root; calling a
+            # block directly first would make it a root of its own. No public call does
+            # this initialisation (torch 2.13), hence the private one.
+            unit._get_fsdp_state()._lazy_init()
+    for unit in units:
+        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_backward(False, recurse=False)
+    for unit in units:
+        unit.unshard()
+    try:
+        yield
+    finally:
+        for unit in units:
+            unit.reshard()
+            unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
+            unit.set_reshard_after_backward(True, recurse=False)
 
 
 def wrap_student(student: nn.ModuleDict, cfg: DistributedConfig, device: torch.device) -> None:

@@ -44,7 +44,11 @@ JOBS = [
     # V-pretraining under DDP (configs/vsmoke.yaml, a meta step every 2 steps)
     ("ddp_vpre", "ddp_vpre", ["dist.strategy=ddp", "feedback.synthetic_head_pool=16",
                               "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
+    # the same under FSDP2: the meta step runs on the unsharded student
+    ("fsdp_vpre", "fsdp_vpre", ["dist.strategy=fsdp", "feedback.synthetic_head_pool=16",
+                                "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
 ]
+VPRE = ("ddp_vpre", "fsdp_vpre")
 
 
 def _free_port() -> int:
@@ -121,24 +125,26 @@ def _worker(rank: int, port: int, root: str) -> None:
         for name, run_dir, extra in JOBS:
             overrides = [f"output_dir={out / 'runs' / run_dir}", *COMMON, *extra]
             hooks: list[StepHook] = [_PoisonRank1FirstStep()] if name == "ddp_nan" else []
-            if name == "ddp_vpre":
+            if name in VPRE:
                 cfg = load_config("configs/vsmoke.yaml", overrides, schema=VConfig, choices=V_CHOICES)
                 hooks = [DesignerHook(cfg)]
             else:
                 cfg = load_config(SMOKE, overrides)
             trainer = Trainer(cfg, hooks=hooks)
             start: dict[str, torch.Tensor] = {}
-            if name == "ddp_vpre":
+            if name in VPRE:
                 hooks[0].setup(trainer)
                 start = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
             results = trainer.fit()
             state = {"results": results, "weights": _full_weights(trainer.model)}
-            if name == "ddp_vpre":
+            if name in VPRE:
                 state["designer"] = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
                 state["designer_start"] = start
                 state["heads"] = {k: v.clone() for k, v in hooks[0].heads.state_dict().items()
                                   if isinstance(v, torch.Tensor)}
                 state["realised"] = torch.tensor(hooks[0].realised, dtype=torch.float64)
+                state["predicted"] = torch.tensor(hooks[0].predicted, dtype=torch.float64)
+            if name == "ddp_vpre":
                 state.update(_fresh_heads_fit(cfg, trainer.model.backbone))
             torch.save(state, out / f"{name}.rank{rank}.result")
     except BaseException:
@@ -327,6 +333,24 @@ def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
     _assert_same(rank0["heads"], rank1["heads"])
     assert any("running_mean" in k for k in rank0["heads"])
     assert rank0["realised"].numel() == 2 and torch.equal(rank0["realised"], rank1["realised"])
+
+
+def test_fsdp_v_pretraining_matches_ddp(runs: pathlib.Path) -> None:
+    """Under FSDP2 the meta step runs on the unsharded student (full_parameters): the
+    designer, V and the learner match the DDP run of the same config."""
+    fsdp0, fsdp1 = _result(runs, "fsdp_vpre", 0), _result(runs, "fsdp_vpre", 1)
+    ddp = _result(runs, "ddp_vpre", 0)
+    _assert_same(fsdp0["designer"], fsdp1["designer"])
+    _assert_same(fsdp0["weights"], fsdp1["weights"])
+    assert fsdp0["results"]["designer_meta_steps"] == 2.0
+    assert any(not torch.equal(fsdp0["designer"][k], fsdp0["designer_start"][k]) for k in fsdp0["designer"])
+    for key in ddp["designer"]:
+        torch.testing.assert_close(fsdp0["designer"][key], ddp["designer"][key], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(fsdp0["predicted"], ddp["predicted"], rtol=1e-4, atol=1e-9)
+    torch.testing.assert_close(fsdp0["realised"], ddp["realised"], rtol=1e-3, atol=1e-7)
+    assert fsdp0["weights"].keys() == ddp["weights"].keys()
+    for key in ddp["weights"]:
+        torch.testing.assert_close(fsdp0["weights"][key], ddp["weights"][key], rtol=1e-3, atol=1e-4)
 
 
 def test_ddp_head_fit_equals_one_process(runs: pathlib.Path, tmp_path: pathlib.Path) -> None:
