@@ -24,9 +24,10 @@ once, only the aligned blocks and heads at θ_S ± εv; ``value.batch_size`` eva
 the first images of the batch only.
 
 DDP: each rank evaluates V on its own images and the designer gradient is averaged;
-head fitting, ``g_down`` and the calibration run on each rank's share of the same
-feedback batches and are averaged (:func:`designers.feedback.this_ranks_share`), so
-heads and designer stay identical on every rank. FSDP2: the same, with the student
+head fitting, ``g_down`` and the calibration run the backbone on each rank's share of the
+same feedback batches (:func:`designers.feedback.this_ranks_share`; head fitting gathers
+the features, ``g_down`` and ``L_down`` are averaged), so heads and designer stay
+identical on every rank. FSDP2: the same, with the student
 unsharded for the meta step and the calibration
 (:func:`dinov.distributed.full_parameters`: full θ on every rank, so fd perturbs and
 restores whole tensors and FSDP does not re-gather shards in between); ``fd`` only.
