@@ -47,8 +47,12 @@ JOBS = [
     # the same under FSDP2: the meta step runs on the unsharded student
     ("fsdp_vpre", "fsdp_vpre", ["dist.strategy=fsdp", "feedback.synthetic_head_pool=16",
                                 "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
+    # augmentation designer with the gradient through the teacher's (Sinkhorn) targets
+    ("ddp_vpre_teacher", "ddp_vpre_teacher",
+     ["dist.strategy=ddp", "designer.kind=augment", "designer.teacher_gradient=true",
+      "feedback.synthetic_head_pool=16", "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
 ]
-VPRE = ("ddp_vpre", "fsdp_vpre")
+VPRE = ("ddp_vpre", "fsdp_vpre", "ddp_vpre_teacher")
 
 
 def _free_port() -> int:
@@ -333,6 +337,17 @@ def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
     _assert_same(rank0["heads"], rank1["heads"])
     assert any("running_mean" in k for k in rank0["heads"])
     assert rank0["realised"].numel() == 2 and torch.equal(rank0["realised"], rank1["realised"])
+
+
+def test_ddp_teacher_gradient_keeps_one_designer(runs: pathlib.Path) -> None:
+    """designer.teacher_gradient under DDP: the differentiable Sinkhorn sums over ranks
+    (other ranks' terms constant) and the averaged designer gradient keep ranks equal."""
+    rank0, rank1 = _result(runs, "ddp_vpre_teacher", 0), _result(runs, "ddp_vpre_teacher", 1)
+    _assert_same(rank0["designer"], rank1["designer"])
+    _assert_same(rank0["weights"], rank1["weights"])
+    assert rank0["results"]["designer_meta_steps"] == 2.0
+    assert any(not torch.equal(rank0["designer"][k], rank0["designer_start"][k]) for k in rank0["designer"])
+    assert all(torch.isfinite(v).all() for v in rank0["designer"].values())
 
 
 def test_fsdp_v_pretraining_matches_ddp(runs: pathlib.Path) -> None:
