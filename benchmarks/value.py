@@ -30,7 +30,7 @@ same loss (no optimizer).
   head fitting, g_down, designer forward, V, designer update, calibration, learner step;
   thin wrappers around each stage of the every-1 run). ``--vstep-preset vits14`` measures
   them at the smallest published scale instead (:data:`VSTEP_VITS14`; with
-  ``--vstep-only --vstep-steps 3 --vstep-warmup 1`` about 3 minutes on 2 cores).
+  ``--vstep-only --vstep-steps 3 --vstep-warmup 1`` about 2.5 minutes on 2 cores).
 
 Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 (config overrides on top of ``configs/smoke.yaml``).
@@ -41,6 +41,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 import resource
 import statistics
@@ -76,7 +77,7 @@ DEFAULTS = ["model.depth=8", "model.embed_dim=192", "model.num_heads=6", "data.b
 VSTEP_DEFAULTS = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
 # the smallest published scale: a ViT-S/14 on 224/98-px crops (2 global + 2 local), 8 images
 # a step (a CPU budget), V on 2 of them, 2 head steps of 8 feedback images at 224 px, a
-# feedback meta batch of 8; about 2 minutes on 2 cores with --vstep-steps 3
+# feedback meta batch of 8; about 2.5 minutes on 2 cores with --vstep-only --vstep-steps 3
 VSTEP_VITS14 = [
     "model.arch=vit_small_patch14_dinov2", "model.img_size=224", "model.patch_size=14",
     "model.embed_dim=384", "model.depth=12", "model.num_heads=6",
@@ -235,10 +236,9 @@ def vstep(args: argparse.Namespace) -> dict[str, float]:
     n, warm = args.vstep_steps, args.vstep_warmup
     # every 4: n rounded up to whole periods of 4 after the warm-up (step 0 is a meta step),
     # so the timed steps hold meta steps in their true proportion
-    n4 = 4 * -(-n // 4)
     times = {"plain_a": step_seconds(args.vstep_config, plain, n, warm),
-             "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"], n4,
-                                    warmup=4 * -(-warm // 4)),
+             "every4": step_seconds(args.vstep_config, [*designed, "designer.every=4"],
+                                    4 * math.ceil(n / 4), warmup=4 * math.ceil(warm / 4)),
              "every1": step_seconds(args.vstep_config, [*designed, "designer.every=1"], n, warm,
                                     stages=stages),
              "plain_b": step_seconds(args.vstep_config, plain, n, warm)}

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
-from dinov.distributed import all_gather_rows, all_reduce_mean_list, is_distributed
+from dinov.distributed import all_gather_rows, all_reduce_mean, all_reduce_mean_list, is_distributed
 from dinov.models import Backbone
 from eval.common import normalize
 from eval.depth_head import (
@@ -406,14 +406,15 @@ class FeedbackHeads(nn.Module):
         self.train()
         for _ in range(steps):
             batch = pools.sample("head", self.cfg.head_batch_size, self.sample_generator)
+            batch = batch.to(device)
             # DDP: the backbone (the cost) runs on this rank's share; the gathered features
             # are the whole batch's, so every rank takes the same step on the same batch as
             # one process would (BatchNorm statistics of the whole batch included)
             with torch.no_grad(), _eval_mode(backbone):
-                feats = _features(backbone, this_ranks_share(batch).to(device), self.depth_blocks)
+                feats = _features(backbone, this_ranks_share(batch), self.depth_blocks)
             feats = {k: all_gather_rows(v.detach()) for k, v in feats.items()}
             # Both heads are fit regardless of the alphas: an alpha only weights g_down.
-            losses = _head_losses(self, backbone, batch.to(device), feats)
+            losses = _head_losses(self, backbone, batch, feats)
             self.optimizer.zero_grad(set_to_none=True)
             sum(losses.values()).backward()  # type: ignore[union-attr]
             self.optimizer.step()
@@ -501,7 +502,7 @@ def downstream_loss(backbone: Backbone, heads: FeedbackHeads, batch: FeedbackBat
     """L_down of ``batch`` without a graph, as :func:`downstream_gradient_and_loss` takes it
     (under DDP: each rank's share, averaged over ranks): the calibration's "after" value."""
     total = weighted_feedback_loss(feedback_losses(backbone, heads, this_ranks_share(batch)), cfg)
-    return all_reduce_mean_list([total])[0]
+    return all_reduce_mean(total)
 
 
 def downstream_gradient_and_loss(
@@ -516,7 +517,8 @@ def downstream_gradient_and_loss(
 
     L_down = alpha_seg * L_seg + alpha_depth * L_depth (detached; the calibration's "before"
     value) and g_down = grad_{aligned_params} L_down as detached tensors shaped like
-    ``aligned_params``. Heads and backbone run in eval mode and nothing of theirs changes (no parameter, buffer or ``.grad``). With ``cfg.mode ==
+    ``aligned_params``. Heads and backbone run in eval mode and nothing of theirs changes
+    (no parameter, buffer or ``.grad``). With ``cfg.mode ==
     "random"`` returns a seeded Gaussian direction of the same global norm, drawn from
     ``generator`` (default: ``heads.random_generator``, which advances every call).
     """

@@ -98,8 +98,8 @@ def designed_loss_derivative(model: SSLMetaArch, designed: Task, targets: Teache
                 return fn(*args)
         return run
 
-    target_tensors = [getattr(targets, f.name) for f in dataclasses.fields(targets)]
-    if cfg.method == "fd" and cfg.recompute and any(t.requires_grad for t in target_tensors):
+    if cfg.method == "fd" and cfg.recompute and any(
+            getattr(targets, f.name).requires_grad for f in dataclasses.fields(targets)):
         # the recomputed head passes take only the trunk's outputs as inputs: a gradient
         # to the targets (designer.teacher_gradient) would be dropped silently
         raise ValueError("value.recompute=true cannot differentiate through teacher targets "
