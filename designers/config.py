@@ -73,9 +73,9 @@ class ValueConfig:
     batch (the unlabelled meta batch; 0 = the whole batch); the learner still trains on
     the designed views of every image. Per rank: under DDP each rank evaluates V on its
     own images and the designer gradient is averaged, so the meta batch is world size ×
-    ``batch_size`` (``feedback.meta_batch_size`` and ``head_batch_size`` are global). ``recompute`` (fd only): recompute the trunk and
-    the perturbed passes in the backward instead of keeping their graphs (less memory,
-    more time; see :func:`designers.value.directional_derivative_split`).
+    ``batch_size`` (``feedback.meta_batch_size`` and ``head_batch_size`` are global). ``recompute`` (fd only): rebuild the trunk's graph in
+    the backward instead of keeping it (less memory, one more trunk forward; see
+    :func:`designers.value.directional_derivative_split`).
     """
 
     method: str = "fd"
@@ -96,12 +96,6 @@ class VConfig(Config):
     designer: DesignerConfig = field(default_factory=DesignerConfig)
     value: ValueConfig = field(default_factory=ValueConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
-
-    def __post_init__(self) -> None:
-        if self.designer.teacher_gradient and self.value.recompute and self.value.method == "fd":
-            # the recomputed head passes take the trunk's outputs as their only inputs;
-            # a gradient to graph-carrying teacher targets would be dropped silently
-            raise ValueError("designer.teacher_gradient=true needs value.recompute=false")
 
 
 # merged with dinov.config's own choices by load_config

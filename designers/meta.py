@@ -98,12 +98,6 @@ def designed_loss_derivative(model: SSLMetaArch, designed: Task, targets: Teache
                 return fn(*args)
         return run
 
-    if cfg.method == "fd" and cfg.recompute and any(
-            getattr(targets, f.name).requires_grad for f in dataclasses.fields(targets)):
-        # the recomputed head passes take only the trunk's outputs as inputs: a gradient
-        # to the targets (designer.teacher_gradient) would be dropped silently
-        raise ValueError("value.recompute=true cannot differentiate through teacher targets "
-                         "(designer.teacher_gradient=true); set value.recompute=false")
     if cfg.method == "fd":
         trunk, head = model.student_trunk(designed, targets,
                                           model.num_blocks - cfg.align_last_n_blocks)

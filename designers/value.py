@@ -24,8 +24,9 @@ Methods:
   needs the module that owns ``params``.
 
 :func:`directional_derivative_split` is ``fd`` with the trunk below ``params`` run once
-(the meta step's estimator); its ``recompute=True`` keeps no graph between the passes
-(activation-checkpointing style) for memory. :func:`grad_only_for` freezes the model's
+(the meta step's estimator, for a scalar loss): it differentiates each perturbed pass
+as soon as it has run, so one pass's graph is alive at a time; its ``recompute=True``
+also rebuilds the trunk's graph in the backward (activation-checkpointing style). :func:`grad_only_for` freezes the model's
 other parameters while such a graph is built, so it stores nothing for their gradients.
 
 Contract for ``fn``: it reads parameters and buffers but updates no state (no BatchNorm
@@ -43,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from functools import partial
 from typing import Any
 
 import torch
@@ -168,18 +168,24 @@ def fd_step(params: Sequence[Tensor], eps: float) -> float:
     return eps * max(float(norm), 1.0)
 
 
-def _perturbed_passes(fn: Callable[[], Tensor], params: Sequence[Tensor], unit: Sequence[Tensor],
-                      step: float, rng: tuple[Tensor, list[Tensor] | None],
-                      signs: tuple[float, ...] = (1.0, -1.0)) -> list[Tensor]:
-    """``fn()`` at θ + s·step·v for each s, each pass from the same RNG state; θ restored."""
+def _perturbed_passes(fn: Callable[[float], Tensor], params: Sequence[Tensor],
+                      unit: Sequence[Tensor], step: float,
+                      rng: tuple[Tensor, list[Tensor] | None],
+                      keep_graphs: bool = True) -> list[Tensor]:
+    """``fn(s)`` at θ + s·step·v for s = +1, −1, each pass from the same RNG state; θ restored.
+
+    ``keep_graphs``: the passes' graphs outlive the loop (the caller backpropagates
+    through both later), so tensors autograd saves from ``params`` are copied at each pass.
+    """
     saved = [p.detach().clone() for p in params]
+    snapshot = _snapshot_saved_params(params) if keep_graphs else contextlib.nullcontext()
     outs = []
     try:
-        with _detached(params), _snapshot_saved_params(params):
-            for s in signs:
+        with _detached(params), snapshot:
+            for s in (1.0, -1.0):
                 _set_rng_state(rng)
                 _set_perturbed(params, saved, unit, s * step)
-                outs.append(_wide(fn()))
+                outs.append(_wide(fn(s)))
     finally:
         with torch.no_grad():
             for p, t in zip(params, saved, strict=True):
@@ -191,7 +197,7 @@ def _central_difference(fn: Callable[[], Tensor], params: Sequence[Tensor],
                         unit: Sequence[Tensor], eps: float) -> Tensor:
     """(fn(θ+hv) − fn(θ−hv)) / 2h with identical RNG draws; params restored bitwise."""
     step = fd_step(params, eps)
-    plus, minus = _perturbed_passes(fn, params, unit, step, _rng_state())
+    plus, minus = _perturbed_passes(lambda _: fn(), params, unit, step, _rng_state())
     return (plus - minus) / (2.0 * step)
 
 
@@ -337,75 +343,78 @@ def directional_derivative_split(
     eps: float = 1e-3,
     recompute: bool = False,
 ) -> Tensor:
-    """fd with the trunk shared: ``trunk_fn`` runs once, ``head_fn`` at θ_S ± εv.
+    """fd of a scalar loss with the trunk shared: ``trunk_fn`` runs once, ``head_fn`` at θ_S ± εv.
 
-    ``trunk_fn()`` computes everything that does not depend on ``params`` (activations
-    below the aligned blocks, with grad to the designer) and returns them as a sequence
-    of tensors; ``head_fn(*acts)`` maps them to the output. Both head passes feed the same
-    trunk outputs, so the caller's backward goes through the trunk once. Equals
-    ``directional_derivative(lambda: head_fn(*trunk_fn()), ..., method="fd")`` when
-    ``trunk_fn`` does not read ``params``. RNG note: the trunk's draws happen once, before
-    the replayed head passes.
+    ``trunk_fn()`` computes everything that does not depend on ``params`` and returns it
+    as a sequence of tensors (activations below the aligned blocks with grad to the
+    designer, and any other tensor the loss reads with a graph); ``head_fn(*inputs)`` maps
+    them to a scalar. ``head_fn`` must read no graph-carrying tensor other than its
+    arguments: the gradient of the result reaches the designer only through them.
+    Equals ``directional_derivative(lambda: head_fn(*trunk_fn()), ..., method="fd")``
+    when ``trunk_fn`` does not read ``params``. RNG note: the trunk's draws happen once,
+    before the replayed head passes.
+
+    The two head passes run one after the other, each followed at once by its backward
+    to the trunk's outputs (possible because the output is a scalar: the caller's
+    backward only scales those gradients), so at most one head graph is alive, next to
+    the trunk graph: two-pass fd's time with one pass's memory.
 
     ``recompute=True`` trades compute for memory, as activation checkpointing does: the
     trunk runs under :func:`torch.utils.checkpoint.checkpoint` (its graph is rebuilt in
-    the backward, after the head passes are gone) and the two head passes run without a
-    graph; the backward re-runs each head pass at its own θ_S ± εv, one at a time, to get
-    the gradient at the trunk outputs. Peak memory is then one head graph or the trunk
-    graph, whichever is larger, instead of the trunk graph plus two head graphs; time
-    grows by one trunk forward and two head forwards. Values and gradients equal the
-    non-recomputed ones up to float reassociation. ``trunk_fn`` must then be re-runnable
-    (checkpoint replays its RNG draws).
+    the caller's backward, after the head passes are gone). Peak memory is then one head
+    graph or the trunk graph, whichever is larger; time grows by one trunk forward.
+    ``trunk_fn`` must then be re-runnable (checkpoint replays its RNG draws).
     """
     params = list(params)
     _check_shapes(params, direction)
     unit, _ = unit_direction(direction)
-    if not recompute:
-        acts = tuple(trunk_fn())
-        return _central_difference(lambda: head_fn(*acts), params, unit, eps)
-    acts = tuple(checkpoint(lambda: tuple(trunk_fn()), use_reentrant=False))
+    if recompute:
+        inputs = tuple(checkpoint(lambda: tuple(trunk_fn()), use_reentrant=False))
+    else:
+        inputs = tuple(trunk_fn())
     step = fd_step(params, eps)
-    return _RecomputedCentralDifference.apply(head_fn, params, unit, step, *acts)
+    return _SequentialCentralDifference.apply(head_fn, params, unit, step, *inputs)
 
 
-class _RecomputedCentralDifference(torch.autograd.Function):
-    """(head(θ+hv) − head(θ−hv)) / 2h of trunk activations, with no graph kept in between.
+class _SequentialCentralDifference(torch.autograd.Function):
+    """(head(θ+hv) − head(θ−hv)) / 2h of the trunk's outputs, each pass differentiated at once.
 
-    Written by hand because activation checkpointing recomputes with the parameters of
-    the moment of the backward (the restored θ), not the perturbed ones a head pass ran
-    with; here each pass re-sets its own θ_S ± hv before it is recomputed.
+    Written by hand because autograd keeps both passes' graphs until the caller's
+    backward. Here each pass's gradient w.r.t. the inputs is taken right after it runs
+    (the parameters still at that pass's θ ± hv), and the backward only scales the
+    stored sum. Needs a scalar head: its gradient is then one tensor per input.
     """
 
     @staticmethod
     def forward(ctx: Any, head_fn: Callable[..., Tensor], params: list[Tensor],
-                unit: list[Tensor], step: float, *acts: Tensor) -> Tensor:
-        ctx.head_fn, ctx.params, ctx.unit, ctx.step = head_fn, params, unit, step
-        ctx.rng = _rng_state()
-        ctx.save_for_backward(*acts)
-        with torch.no_grad():
-            plus, minus = _perturbed_passes(lambda: head_fn(*acts), params, unit, step, ctx.rng)
+                unit: list[Tensor], step: float, *inputs: Tensor) -> Tensor:
+        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+        sums: list[Tensor | None] = [None] * len(inputs)
+
+        def pass_and_gradient(sign: float) -> Tensor:
+            leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
+            with torch.enable_grad():
+                out = _wide(head_fn(*leaves))
+            if out.numel() != 1:
+                raise ValueError(f"directional_derivative_split needs a scalar head, got shape "
+                                 f"{tuple(out.shape)}; use directional_derivative")
+            if wanted and out.requires_grad:
+                scale = torch.full_like(out, sign / (2.0 * step))
+                got = torch.autograd.grad(out, [leaves[i] for i in wanted], scale,
+                                          allow_unused=True)
+                for i, g in zip(wanted, got, strict=True):
+                    if g is not None:
+                        sums[i] = g if sums[i] is None else sums[i] + g
+            return out.detach()
+
+        plus, minus = _perturbed_passes(pass_and_gradient, params, unit, step,
+                                        _rng_state(), keep_graphs=False)
+        ctx.grads = sums
         return (plus - minus) / (2.0 * step)
 
     @staticmethod
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        acts = ctx.saved_tensors
-        wanted = [i for i, a in enumerate(acts) if ctx.needs_input_grad[4 + i]]
-        grads: list[Tensor | None] = [None] * len(acts)
-        outer_rng = _rng_state()  # the caller's stream must not see the replayed draws
-        try:
-            for sign in (1.0, -1.0):
-                inputs = [a.detach().requires_grad_(i in wanted) for i, a in enumerate(acts)]
-                with torch.enable_grad():
-                    (out,) = _perturbed_passes(partial(ctx.head_fn, *inputs), ctx.params,
-                                               ctx.unit, ctx.step, ctx.rng, signs=(sign,))
-                scale = grad_out * (sign / (2.0 * ctx.step))
-                got = torch.autograd.grad(out, [inputs[i] for i in wanted], scale.to(out.dtype),
-                                          allow_unused=True)
-                for i, g in zip(wanted, got, strict=True):
-                    if g is not None:
-                        grads[i] = g if grads[i] is None else grads[i] + g
-        finally:
-            _set_rng_state(outer_rng)
+        grads = [None if g is None else grad_out.to(g.dtype) * g for g in ctx.grads]
         return (None, None, None, None, *grads)
 
 

@@ -13,7 +13,7 @@ from designers.config import V_CHOICES, VConfig
 from designers.meta import DesignerHook, pearson_r
 from designers.train import main
 from dinov.checkpoint import latest_checkpoint, load_checkpoint
-from dinov.config import ConfigError, load_config
+from dinov.config import load_config
 from dinov.train.task import StepHook, Task
 from dinov.train.trainer import Trainer
 
@@ -282,8 +282,3 @@ def test_bad_designer_kind_is_a_clean_cli_error(capsys):
         main(["--config", VSMOKE, "designer.kind=bogus"])
     assert exit_info.value.code == 2
     assert "designer.kind" in capsys.readouterr().err
-
-
-def test_teacher_gradient_needs_stored_passes(tmp_path):
-    with pytest.raises(ConfigError, match="designer.teacher_gradient=true needs value.recompute=false"):
-        vcfg(tmp_path, "designer.teacher_gradient=true", "value.recompute=true")

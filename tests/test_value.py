@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 import torch
@@ -212,6 +213,57 @@ def test_student_trunk_split_matches_plain_fd(setup, recompute: bool) -> None:
     assert all(p.grad is None for p in meta.parameters())
 
 
+class _LiveSaved:
+    """Autograd-saved tensor bookkeeping: bytes held by live graphs now and at the peak."""
+
+    now = 0
+    peak = 0
+
+    def __init__(self, t: Tensor) -> None:
+        # detached: holding a saved output itself would make a reference cycle with its
+        # grad_fn, and the graph would never be freed
+        self.t, self.n = t.detach(), t.numel() * t.element_size()
+        _LiveSaved.now += self.n
+        _LiveSaved.peak = max(_LiveSaved.peak, _LiveSaved.now)
+
+    def __del__(self) -> None:
+        _LiveSaved.now -= self.n
+
+
+def _live_saved(fn: Callable[[], object]) -> tuple[object, int, int]:
+    """fn(), the peak bytes of saved tensors alive during it, and those still alive after."""
+    _LiveSaved.now = _LiveSaved.peak = 0
+    with torch.autograd.graph.saved_tensors_hooks(_LiveSaved, lambda s: s.t):
+        out = fn()
+    return out, _LiveSaved.peak, _LiveSaved.now
+
+
+def test_split_keeps_one_head_graph_alive_at_a_time(setup) -> None:
+    """The split fd differentiates each perturbed pass as soon as it has run: its peak is
+    the trunk's graph plus ONE head pass's graph (two-pass autograd would hold two)."""
+    meta, task, targets = setup
+    params = aligned_parameters(meta.backbone, 2)
+    direction = random_direction(params, seed=7)
+    phi = torch.zeros(BATCH, requires_grad=True)
+    meta.eval()  # no drop-path, so the separately measured passes are the same passes
+    try:
+        trunk, head = meta.student_trunk(designed(task, phi), targets, meta.num_blocks - 2)
+        acts, trunk_peak, trunk_bytes = _live_saved(trunk)
+        leaves = [a.detach().requires_grad_(a.requires_grad) for a in acts]  # type: ignore[union-attr]
+        with grad_only_for(params):  # θ_S as in the estimator's passes: no weight grads
+            out, head_peak, head_bytes = _live_saved(partial(head, *leaves))
+        del acts, leaves, out  # their graphs are freed before the counters restart
+        value, split_peak, after = _live_saved(
+            lambda: directional_derivative_split(trunk, head, params, direction))
+        (grad,) = torch.autograd.grad(value, phi)  # type: ignore[arg-type]
+    finally:
+        meta.train()
+    assert head_bytes > 0.2 * trunk_bytes  # the test can tell one head graph from two
+    assert split_peak <= max(trunk_peak, trunk_bytes + head_peak)
+    assert after == trunk_bytes  # once V is returned, only the trunk's graph is left
+    assert grad.abs().max() > 0
+
+
 def quadratic(a: Tensor, x: Tensor, w: Tensor) -> Callable[[], Tensor]:
     return lambda: 0.5 * w @ a @ w + (x * w).sum() * x.sum()
 
@@ -317,9 +369,18 @@ def test_designer_gradient_through_the_teacher_views(setup) -> None:
         assert cosine(grad(method, True), exact) >= 0.99, method
     student_only = grad("exact", False)
     assert (exact - student_only).abs().max() > 0.05 * exact.abs().max()
-    # the recomputing fd would drop the teacher path: refused, not silently wrong
-    view = dataclasses.replace(task, teacher_global=task.teacher_global.clone().requires_grad_())
-    targets = meta.teacher_targets(view, teacher_temp=0.04, differentiable=True)
-    cfg = ValueConfig(method="fd", align_last_n_blocks=2, recompute=True)
-    with pytest.raises(ValueError, match="value.recompute=true cannot differentiate"):
-        designed_loss_derivative(meta, view, targets, params, direction, cfg)
+    # the trunk's inputs and the targets reach the head as its arguments: recomputing the
+    # trunk keeps the teacher path
+    def fd_grad(recompute: bool) -> Tensor:
+        phi = torch.zeros(BATCH, requires_grad=True)
+        scale = (1 + phi).repeat(task.n_global).view(-1, 1, 1, 1)
+        view = dataclasses.replace(designed(task, phi), teacher_global=task.teacher_global * scale)
+        torch.manual_seed(123)
+        targets = meta.teacher_targets(view, teacher_temp=0.04, differentiable=True)
+        cfg = ValueConfig(method="fd", align_last_n_blocks=2, recompute=recompute)
+        value = designed_loss_derivative(meta, view, targets, params, direction, cfg)
+        return torch.autograd.grad(value, phi)[0]
+
+    stored, recomputed = fd_grad(False), fd_grad(True)
+    assert torch.allclose(recomputed, stored, rtol=1e-5, atol=1e-8)
+    assert cosine(recomputed, exact) >= 0.99

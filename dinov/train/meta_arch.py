@@ -121,10 +121,14 @@ class SSLMetaArch(nn.Module):
         """:meth:`student_losses` ``["total"]`` cut after block ``end - 1``, as two closures.
 
         ``trunk()`` returns the global (masked) and local crops' tokens after blocks
-        ``[0, end)``; ``head(*tokens)`` runs the remaining blocks, the final norm, the heads
-        and the losses. ``head(*trunk())`` is the same function as the total of
-        :meth:`student_losses`, on the unwrapped backbone (no DDP hooks) and in fp32 (a
-        value estimator differences two nearby passes; bf16 rounding would swamp them).
+        ``[0, end)``, then the loss's other inputs that may carry a graph to a designer:
+        the iBOT patch weights (soft token masks) and the teacher's DINO and iBOT
+        probabilities (``designer.teacher_gradient``). ``head(*trunk())`` runs the
+        remaining blocks, the final norm, the heads and the losses, and reads no other
+        tensor with a graph, so a value estimator can differentiate it w.r.t. its
+        arguments alone. It is the same function as the total of :meth:`student_losses`,
+        on the unwrapped backbone (no DDP hooks) and in fp32 (a value estimator
+        differences two nearby passes; bf16 rounding would swamp them).
         """
         backbone = self.backbone
         shells: dict[str, TokenState] = {}  # grid and RoPE table of each crop size
@@ -137,16 +141,18 @@ class SSLMetaArch(nn.Module):
             tokens = [run("global", backbone.prepare_tokens(task.student_global, task.student_masks()))]
             if task.n_local > 0:
                 tokens.append(run("local", backbone.prepare_tokens(task.local)))
-            return tuple(tokens)
+            return (*tokens, task.ibot_weights(), targets.dino_probs, targets.ibot_probs)
 
         def rest(state: TokenState, x: Tensor) -> BackboneOutput:
             return backbone.finalize(backbone.run_blocks(dataclasses.replace(state, x=x), end))
 
-        def head(*tokens: Tensor) -> Tensor:
+        def head(*inputs: Tensor) -> Tensor:
+            *tokens, ibot_weights, dino_probs, ibot_probs = inputs
             global_out = rest(shells["global"], tokens[0])
             local_cls = rest(shells["local"], tokens[1]).cls if task.n_local > 0 else None
             logits = self._student_logits(global_out, local_cls, task)
-            return self._losses(*logits, global_out.cls, task, targets)["total"]
+            probs = dataclasses.replace(targets, dino_probs=dino_probs, ibot_probs=ibot_probs)
+            return self._losses(*logits, global_out.cls, task, probs, ibot_weights)["total"]
 
         return trunk, head
 
@@ -157,13 +163,15 @@ class SSLMetaArch(nn.Module):
         return self._heads(self.student, torch.cat(cls_tokens), masked)
 
     def _losses(self, dino_logits: Tensor, ibot_logits: Tensor, global_cls: Tensor, task: Task,
-                targets: TeacherTargets) -> dict[str, Tensor]:
+                targets: TeacherTargets, ibot_weights: Tensor | None = None) -> dict[str, Tensor]:
+        """The weighted losses; ``ibot_weights`` defaults to ``task.ibot_weights()``."""
         loss_cfg = self.cfg.loss
         n_crops = task.n_global + task.n_local
         dino = self.dino_loss(dino_logits.unflatten(0, (n_crops, -1)), targets.dino_probs,
                               n_global=task.n_global)
         if ibot_logits.shape[0] > 0:
-            ibot = self.ibot_loss(ibot_logits, targets.ibot_probs, task.ibot_weights())
+            weights = task.ibot_weights() if ibot_weights is None else ibot_weights
+            ibot = self.ibot_loss(ibot_logits, targets.ibot_probs, weights)
         else:
             ibot = dino_logits.new_zeros(())
         koleo = sum(self.koleo_loss(c.float()) for c in global_cls.chunk(task.n_global))
