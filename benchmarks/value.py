@@ -12,8 +12,8 @@ same loss (no optimizer).
   aligned blocks, the trunk once, the aligned blocks and heads at θ_S ± εv. ``exact``
   and ``jvp`` go through the same call; in all of them the learner parameters outside
   θ_S are frozen while the graph is built (:func:`designers.value.grad_only_for`).
-- ``fd_recompute``: the same with ``value.recompute=true`` (trunk and perturbed passes
-  recomputed in the backward: less memory, more time).
+- ``fd_recompute``: the same with ``value.recompute=true`` (the trunk's graph rebuilt in
+  the backward: less memory, one more trunk forward).
 - ``fd_plain``: fd over the whole network twice (no split), for reference.
 - ``*_cos``: cosine of the designer gradient against ``exact``.
 - ``*_time_ratio``: median wall time over ``exact``'s (and ``*_over_train_step``).
@@ -25,12 +25,16 @@ same loss (no optimizer).
 - ``vstep_every1_over_dino``, ``vstep_every4_over_dino``: mean time of a training step
   with the designer hook taking a meta step every 1 / 4 steps (heads fit, g_down, V,
   designer update, calibration; designed views on every step) over the plain step, in
-  one process, interleaved. Settings: :data:`VSTEP_DEFAULTS` on ``--vstep-config``.
-  ``vstep_every1_stage_ms``: where the time goes (ms per step with a meta step every step:
-  head fitting, g_down, designer forward, V, designer update, calibration, learner step;
-  thin wrappers around each stage of the every-1 run). ``--vstep-preset vits14`` measures
-  them at the smallest published scale instead (:data:`VSTEP_VITS14`; with
-  ``--vstep-only --vstep-steps 3 --vstep-warmup 1`` about 2.5 minutes on 2 cores).
+  one process, interleaved, on ``--vstep-config``. ``vstep_every1_stage_ms``: where the
+  time goes (ms per step with a meta step every step: head fitting, g_down, designer
+  forward, V, designer update, calibration, learner step; thin wrappers around each stage
+  of the every-1 run). Settings (:data:`VSTEP_PRESETS`): ``--vstep-preset recipe``
+  (default) gives the small model the full-scale recipes' per-GPU shares of V and of
+  feedback work per learner image; the ``--vstep-compare`` presets (default ``demo``: the
+  demo's feedback settings, V on a quarter of the batch) are reported as
+  ``vstep_<preset>_*``; ``vits14`` is the smallest published scale (:data:`VSTEP_VITS14`;
+  with ``--vstep-only --vstep-preset vits14 --vstep-compare --vstep-steps 3
+  --vstep-warmup 1`` about 2.5 minutes on 2 cores).
 
 Usage: ``python benchmarks/value.py [--steps N] [--aligned K] [key=value ...]``
 (config overrides on top of ``configs/smoke.yaml``).
@@ -50,6 +54,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from typing import Any
 from unittest import mock
 
 import torch
@@ -70,11 +75,19 @@ DEFAULTS = ["model.depth=8", "model.embed_dim=192", "model.num_heads=6", "data.b
             "head.bottleneck_dim=128"]
 
 
-# the vstep ratios: the demo's data, crops and feedback with the fd benchmark's model (a
-# 192-wide, 8-block ViT with 4096 prototypes: with the demo's 64-wide ViT the designer
-# U-Net costs as much as the learner, which no real backbone does) and V on 16 of the 64
-# images (the published meta batch is 16-64)
-VSTEP_DEFAULTS = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
+# the vstep ratios: the demo's data and crops with the fd benchmark's model (a 192-wide,
+# 8-block ViT with 4096 prototypes: with the demo's 64-wide ViT the designer U-Net costs as
+# much as the learner, which no real backbone does), 64 images a step.
+# - recipe (the default): the per-GPU work of the full-scale recipes
+#   (configs/vision/dinov2_vitl14.yaml on 32 GPUs: 32 images per GPU, V on 1 of them, a
+#   meta batch of 32 inside the published 16-64; 2 head steps of 32 ADE20K + 32 NYUv2
+#   images and a feedback meta batch of 32 + 32, shared by the 32 ranks), per 64 images:
+#   V on 2, 2 head steps of 4 feedback images, a feedback meta batch of 4;
+# - demo: the demo's feedback settings (5 head steps of 16, meta batch 16) and V on 16 of
+#   the 64 images: 8x the published share of V and ~4x the recipe's feedback work.
+VSTEP_DEMO = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
+VSTEP_RECIPE = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=2", "feedback.head_steps=2",
+                "feedback.head_batch_size=4", "feedback.meta_batch_size=4"]
 # the smallest published scale: a ViT-S/14 on 224/98-px crops (2 global + 2 local), 8 images
 # a step (a CPU budget), V on 2 of them, 2 head steps of 8 feedback images at 224 px, a
 # feedback meta batch of 8; about 2.5 minutes on 2 cores with --vstep-only --vstep-steps 3
@@ -87,7 +100,7 @@ VSTEP_VITS14 = [
     "feedback.image_size=224", "feedback.synthetic_head_pool=32", "feedback.synthetic_meta_pool=16",
     "feedback.head_steps=2", "feedback.head_warmup_steps=2", "feedback.head_batch_size=8",
     "feedback.meta_batch_size=8", "value.batch_size=2"]
-VSTEP_PRESETS = {"small": VSTEP_DEFAULTS, "vits14": VSTEP_VITS14}
+VSTEP_PRESETS = {"recipe": VSTEP_RECIPE, "demo": VSTEP_DEMO, "vits14": VSTEP_VITS14}
 
 
 def build(overrides: list[str], aligned: int, device: torch.device
@@ -226,10 +239,11 @@ def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
         return elapsed
 
 
-def vstep(args: argparse.Namespace) -> dict[str, float]:
-    """The whole V-pretraining step against the plain step, in one process, interleaved
-    (plain, every 4, every 1, plain again) so that drift of a shared machine cancels."""
-    common = ["designer.burn_in=0", *VSTEP_PRESETS[args.vstep_preset], *args.vstep_overrides]
+def vstep(args: argparse.Namespace, preset: str) -> dict[str, Any]:
+    """The whole V-pretraining step against the plain step at ``preset``'s settings, in one
+    process, interleaved (plain, every 4, every 1, plain again) so that drift of a shared
+    machine cancels."""
+    common = ["designer.burn_in=0", *VSTEP_PRESETS[preset], *args.vstep_overrides]
     plain = ["designer.kind=none", *common]
     designed = [f"designer.kind={args.vstep_designer}", *common]
     stages: dict[str, float] = {}
@@ -248,8 +262,20 @@ def vstep(args: argparse.Namespace) -> dict[str, float]:
             "vstep_dino_s": round(base, 4), "vstep_every1_s": round(times["every1"], 4),
             "vstep_every4_s": round(times["every4"], 4),
             "vstep_every1_stage_ms": stages,
-            "vstep_config": args.vstep_config, "vstep_preset": args.vstep_preset,
+            "vstep_config": args.vstep_config, "vstep_preset": preset,
             "vstep_overrides": designed}
+
+
+def vstep_line(args: argparse.Namespace) -> dict[str, Any]:
+    """``--vstep-preset``'s ratios under the ``vstep_*`` keys; each ``--vstep-compare``
+    preset's under ``vstep_<preset>_*``."""
+    line = vstep(args, args.vstep_preset)
+    for preset in args.vstep_compare:
+        if preset != args.vstep_preset:
+            other = vstep(args, preset)
+            line.update({f"vstep_{preset}_{k.removeprefix('vstep_')}": v for k, v in other.items()
+                         if k not in ("vstep_config", "vstep_preset")})
+    return line
 
 
 def main() -> None:
@@ -259,10 +285,12 @@ def main() -> None:
     parser.add_argument("--vstep-config", default="configs/vdemo.yaml",
                         help="V-pretraining config of the vstep_* ratios (the demo's)")
     parser.add_argument("--vstep-designer", default="mask")
-    parser.add_argument("--vstep-steps", type=int, default=8, help="timed steps per setting")
+    parser.add_argument("--vstep-steps", type=int, default=16, help="timed steps per setting")
     parser.add_argument("--vstep-warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--vstep-preset", choices=sorted(VSTEP_PRESETS), default="small",
+    parser.add_argument("--vstep-preset", choices=sorted(VSTEP_PRESETS), default="recipe",
                         help="model/crop/feedback scale of the vstep ratios (see VSTEP_PRESETS)")
+    parser.add_argument("--vstep-compare", nargs="*", choices=sorted(VSTEP_PRESETS),
+                        default=["demo"], help="presets also measured, under vstep_<preset>_* keys")
     parser.add_argument("--vstep-only", action="store_true",
                         help="only the vstep ratios (skip the estimator comparison)")
     parser.add_argument("--vstep-overrides", nargs="*", default=[],
@@ -275,7 +303,7 @@ def main() -> None:
         worker(args)
         return
     if args.vstep_only:
-        print(json.dumps({"benchmark": "value", **vstep(args)}))
+        print(json.dumps({"benchmark": "value", **vstep_line(args)}))
         return
     overrides = [*DEFAULTS, *args.overrides]
     results = {}
@@ -304,7 +332,7 @@ def main() -> None:
     for name, r in results.items():
         line[f"{name}_s"] = round(r["time"], 4)
         line[f"{name}_peak_mib"] = round(r["peak"] / 2**20, 1)
-    line.update(vstep(args))
+    line.update(vstep_line(args))
     print(json.dumps(line))
     sys.stdout.flush()
 
