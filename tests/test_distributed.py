@@ -51,8 +51,12 @@ JOBS = [
     ("ddp_vpre_teacher", "ddp_vpre_teacher",
      ["dist.strategy=ddp", "designer.kind=augment", "designer.teacher_gradient=true",
       "feedback.synthetic_head_pool=16", "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
+    # the same under FSDP2: the teacher's (sharded) forward keeps a graph to its views
+    ("fsdp_vpre_teacher", "fsdp_vpre_teacher",
+     ["dist.strategy=fsdp", "designer.kind=augment", "designer.teacher_gradient=true",
+      "feedback.synthetic_head_pool=16", "feedback.synthetic_meta_pool=8", "feedback.head_steps=2"]),
 ]
-VPRE = ("ddp_vpre", "fsdp_vpre", "ddp_vpre_teacher")
+VPRE = ("ddp_vpre", "fsdp_vpre", "ddp_vpre_teacher", "fsdp_vpre_teacher")
 
 
 def _free_port() -> int:
@@ -350,11 +354,13 @@ def test_ddp_teacher_gradient_keeps_one_designer(runs: pathlib.Path) -> None:
     assert all(torch.isfinite(v).all() for v in rank0["designer"].values())
 
 
-def test_fsdp_v_pretraining_matches_ddp(runs: pathlib.Path) -> None:
+@pytest.mark.parametrize("job", ["vpre", "vpre_teacher"])
+def test_fsdp_v_pretraining_matches_ddp(runs: pathlib.Path, job: str) -> None:
     """Under FSDP2 the meta step runs on the unsharded student (full_parameters): the
-    designer, V and the learner match the DDP run of the same config."""
-    fsdp0, fsdp1 = _result(runs, "fsdp_vpre", 0), _result(runs, "fsdp_vpre", 1)
-    ddp = _result(runs, "ddp_vpre", 0)
+    designer, V and the learner match the DDP run of the same config, with and without
+    the designer gradient through the (sharded) teacher's targets."""
+    fsdp0, fsdp1 = _result(runs, f"fsdp_{job}", 0), _result(runs, f"fsdp_{job}", 1)
+    ddp = _result(runs, f"ddp_{job}", 0)
     _assert_same(fsdp0["designer"], fsdp1["designer"])
     _assert_same(fsdp0["weights"], fsdp1["weights"])
     assert fsdp0["results"]["designer_meta_steps"] == 2.0
