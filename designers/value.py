@@ -26,8 +26,9 @@ Methods:
 :func:`directional_derivative_split` is ``fd`` with the trunk below ``params`` run once
 (the meta step's estimator, for a scalar loss): it differentiates each perturbed pass
 as soon as it has run, so one pass's graph is alive at a time; its ``recompute=True``
-also rebuilds the trunk's graph in the backward (activation-checkpointing style). :func:`grad_only_for` freezes the model's
-other parameters while such a graph is built, so it stores nothing for their gradients.
+also rebuilds the trunk's graph in the backward (activation-checkpointing style).
+:func:`grad_only_for` freezes the model's other parameters while such a graph is built,
+so it stores nothing for their gradients.
 
 Contract for ``fn``: it reads parameters and buffers but updates no state (no BatchNorm
 running stats in train mode, no EMA, no centering update; pass precomputed no-grad
