@@ -73,8 +73,9 @@ class ValueConfig:
     batch (the unlabelled meta batch; 0 = the whole batch); the learner still trains on
     the designed views of every image. Per rank: under DDP each rank evaluates V on its
     own images and the designer gradient is averaged, so the meta batch is world size ×
-    ``batch_size`` (``feedback.meta_batch_size`` and ``head_batch_size`` are global). ``recompute`` (fd only): rebuild the trunk's graph in
-    the backward instead of keeping it (less memory, one more trunk forward; see
+    ``batch_size`` (``feedback.meta_batch_size`` and ``head_batch_size`` are global).
+    ``recompute`` (fd only): rebuild the trunk's graph in the backward instead of keeping
+    it (less memory, one more trunk forward; see
     :func:`designers.value.directional_derivative_split`).
     """
 
