@@ -90,7 +90,8 @@ VSTEP_RECIPE = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=2", "feedback.he
                 "feedback.head_batch_size=4", "feedback.meta_batch_size=4"]
 # the smallest published scale: a ViT-S/14 on 224/98-px crops (2 global + 2 local), 8 images
 # a step (a CPU budget), V on 2 of them, 2 head steps of 8 feedback images at 224 px, a
-# feedback meta batch of 8; about 2.5 minutes on 2 cores with --vstep-only --vstep-steps 3
+# feedback meta batch of 8; about 2.5 minutes on 2 cores with --vstep-only --vstep-preset
+# vits14 --vstep-compare --vstep-steps 3 --vstep-warmup 1
 VSTEP_VITS14 = [
     "model.arch=vit_small_patch14_dinov2", "model.img_size=224", "model.patch_size=14",
     "model.embed_dim=384", "model.depth=12", "model.num_heads=6",

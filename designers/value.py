@@ -349,16 +349,21 @@ def directional_derivative_split(
     ``trunk_fn()`` computes everything that does not depend on ``params`` and returns it
     as a sequence of tensors (activations below the aligned blocks with grad to the
     designer, and any other tensor the loss reads with a graph); ``head_fn(*inputs)`` maps
-    them to a scalar. ``head_fn`` must read no graph-carrying tensor other than its
-    arguments: the gradient of the result reaches the designer only through them.
-    Equals ``directional_derivative(lambda: head_fn(*trunk_fn()), ..., method="fd")``
-    when ``trunk_fn`` does not read ``params``. RNG note: the trunk's draws happen once,
-    before the replayed head passes.
+    them to a scalar. The result is differentiable w.r.t. those inputs only: a tensor with
+    a graph that ``head_fn`` reads from elsewhere, or a weight outside ``params`` that
+    requires grad, gets no gradient from it (the meta step freezes every learner weight
+    outside θ_S, :func:`grad_only_for`). Its value equals
+    ``directional_derivative(lambda: head_fn(*trunk_fn()), ..., method="fd")`` when
+    ``trunk_fn`` does not read ``params``, and so does its gradient to the inputs. RNG
+    note: the trunk's draws happen once, before the replayed head passes.
 
     The two head passes run one after the other, each followed at once by its backward
-    to the trunk's outputs (possible because the output is a scalar: the caller's
-    backward only scales those gradients), so at most one head graph is alive, next to
-    the trunk graph: two-pass fd's time with one pass's memory.
+    to the inputs (possible because the output is a scalar: the caller's backward only
+    scales those gradients), so at most one head graph is alive, next to the trunk graph:
+    two-pass fd's time with one pass's memory. Since each pass is differentiated while
+    θ_S ± εv is still set, activation checkpointing inside the head is safe here (unlike
+    in :func:`directional_derivative`). The result supports one backward, not a double
+    backward. Called with grad disabled, no head backward runs.
 
     ``recompute=True`` trades compute for memory, as activation checkpointing does: the
     trunk runs under :func:`torch.utils.checkpoint.checkpoint` (its graph is rebuilt in
@@ -374,7 +379,9 @@ def directional_derivative_split(
     else:
         inputs = tuple(trunk_fn())
     step = fd_step(params, eps)
-    return _SequentialCentralDifference.apply(head_fn, params, unit, step, *inputs)
+    # inside apply() grad mode is always off: whether a backward can follow is read here
+    differentiate = torch.is_grad_enabled()
+    return _SequentialCentralDifference.apply(head_fn, params, unit, step, differentiate, *inputs)
 
 
 class _SequentialCentralDifference(torch.autograd.Function):
@@ -382,19 +389,20 @@ class _SequentialCentralDifference(torch.autograd.Function):
 
     Written by hand because autograd keeps both passes' graphs until the caller's
     backward. Here each pass's gradient w.r.t. the inputs is taken right after it runs
-    (the parameters still at that pass's θ ± hv), and the backward only scales the
-    stored sum. Needs a scalar head: its gradient is then one tensor per input.
+    (the parameters still at that pass's θ ± hv), summed in fp32 at least, and saved;
+    the backward only scales the sum. Needs a scalar head: its gradient is then one
+    tensor per input.
     """
 
     @staticmethod
     def forward(ctx: Any, head_fn: Callable[..., Tensor], params: list[Tensor],
-                unit: list[Tensor], step: float, *inputs: Tensor) -> Tensor:
-        wanted = [i for i, t in enumerate(inputs) if t.requires_grad]
+                unit: list[Tensor], step: float, differentiate: bool, *inputs: Tensor) -> Tensor:
+        wanted = [i for i, t in enumerate(inputs) if differentiate and t.requires_grad]
         sums: list[Tensor | None] = [None] * len(inputs)
 
         def pass_and_gradient(sign: float) -> Tensor:
             leaves = [t.detach().requires_grad_(i in wanted) for i, t in enumerate(inputs)]
-            with torch.enable_grad():
+            with torch.set_grad_enabled(bool(wanted)):
                 out = _wide(head_fn(*leaves))
             if out.numel() != 1:
                 raise ValueError(f"directional_derivative_split needs a scalar head, got shape "
@@ -405,18 +413,21 @@ class _SequentialCentralDifference(torch.autograd.Function):
                                           allow_unused=True)
                 for i, g in zip(wanted, got, strict=True):
                     if g is not None:
-                        sums[i] = g if sums[i] is None else sums[i] + g
+                        sums[i] = _wide(g) if sums[i] is None else sums[i] + _wide(g)
             return out.detach()
 
         plus, minus = _perturbed_passes(pass_and_gradient, params, unit, step,
                                         _rng_state(), keep_graphs=False)
-        ctx.grads = sums
+        ctx.dtypes = [t.dtype for t in inputs]
+        ctx.save_for_backward(*sums)
         return (plus - minus) / (2.0 * step)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        grads = [None if g is None else grad_out.to(g.dtype) * g for g in ctx.grads]
-        return (None, None, None, None, *grads)
+        grads = [None if g is None else (grad_out.to(g.dtype) * g).to(dtype)
+                 for g, dtype in zip(ctx.saved_tensors, ctx.dtypes, strict=True)]
+        return (None, None, None, None, None, *grads)
 
 
 def aligned_parameters(backbone: nn.Module, n_last_blocks: int) -> list[nn.Parameter]:

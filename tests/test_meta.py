@@ -187,6 +187,7 @@ def test_pearson_r():
     ("value.method=exact", "designer.apply_to_teacher=true"),
     ("value.batch_size=3", "value.recompute=true"),
     ("designer.kind=augment", "designer.teacher_gradient=true"),
+    ("designer.kind=augment", "designer.teacher_gradient=true", "value.recompute=true"),
     ("designer.apply_to_teacher=true", "designer.teacher_gradient=true", "value.batch_size=3"),
 ])
 def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):

@@ -151,7 +151,10 @@ class SSLMetaArch(nn.Module):
             global_out = rest(shells["global"], tokens[0])
             local_cls = rest(shells["local"], tokens[1]).cls if task.n_local > 0 else None
             logits = self._student_logits(global_out, local_cls, task)
-            probs = dataclasses.replace(targets, dino_probs=dino_probs, ibot_probs=ibot_probs)
+            # the losses read the probabilities only; the logits (for the centre update)
+            # come without their graph, so no gradient can leave the head but by its arguments
+            probs = TeacherTargets(targets.dino_logits.detach(), dino_probs,
+                                   targets.ibot_logits.detach(), ibot_probs)
             return self._losses(*logits, global_out.cls, task, probs, ibot_weights)["total"]
 
         return trunk, head
