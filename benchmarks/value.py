@@ -148,6 +148,11 @@ def build(overrides: list[str], aligned: int, device: torch.device
     return run, batch
 
 
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def peak_growth(fn: Callable[[], object], device: torch.device) -> float:
     """Bytes of peak memory growth during ``fn`` (see the module docstring for CPU)."""
     if device.type == "cuda":
@@ -169,12 +174,10 @@ def worker(args: argparse.Namespace) -> None:
     peak = peak_growth(lambda: grad.append(run(args.worker)), device)  # first call: the peak
     times = []
     for _ in range(args.steps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         start = time.perf_counter()
         run(args.worker)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        _synchronize(device)
         times.append(time.perf_counter() - start)
     torch.save({"grad": grad[0], "time": statistics.median(times), "peak": peak,
                 "device": device.type, "threads": torch.get_num_threads()}, args.out)
@@ -185,12 +188,16 @@ def _timed_stages(hook: object, trainer: object, totals: dict[str, float]) -> co
     ``totals`` while the returned context is open; everything is restored on exit."""
     import designers.meta as meta_module
 
+    device: torch.device = trainer.device  # type: ignore[attr-defined]
+
     def timed(owner: object, name: str, stage: str) -> contextlib.AbstractContextManager:
         inner = getattr(owner, name)
 
         def wrapper(*args: object, **kwargs: object) -> object:
+            _synchronize(device)  # on CUDA each stage is timed to its finished work
             start = time.perf_counter()
             out = inner(*args, **kwargs)
+            _synchronize(device)
             totals[stage] = totals.get(stage, 0.0) + time.perf_counter() - start
             return out
 
@@ -230,10 +237,12 @@ def step_seconds(config: str, overrides: list[str], steps: int, warmup: int = 2,
         totals: dict[str, float] = {}
         timing = _timed_stages(hook, trainer, totals) if stages is not None else contextlib.nullcontext()
         with timing:
+            _synchronize(trainer.device)  # CUDA runs ahead of the host: time finished work
             start = time.perf_counter()
             for _ in range(steps):
                 trainer.train_step(next(batches))
                 trainer.step += 1
+            _synchronize(trainer.device)
             elapsed = (time.perf_counter() - start) / steps
         if stages is not None:
             stages.update({k: round(1000 * v / steps, 1) for k, v in totals.items()})
