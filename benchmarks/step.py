@@ -57,6 +57,11 @@ PRESETS: dict[str, list[str]] = {
 }
 
 
+def _synchronize() -> None:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int,
                         warmup: int) -> dict[str, float]:
     """Median seconds of each function, timed in turns (A B C A B C ...) so that drift in a
@@ -67,8 +72,10 @@ def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int,
     times: dict[str, list[float]] = {name: [] for name in fns}
     for _ in range(steps):
         for name, fn in fns.items():
+            _synchronize()
             start = time.perf_counter()
             fn()
+            _synchronize()  # CUDA runs ahead of the host: time finished work
             times[name].append(time.perf_counter() - start)
     return {name: statistics.median(values) for name, values in times.items()}
 
