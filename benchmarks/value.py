@@ -85,8 +85,9 @@ DEFAULTS = ["model.depth=8", "model.embed_dim=192", "model.num_heads=6", "data.b
 #   V on 2, 2 head steps of 4 feedback images, a feedback meta batch of 4;
 # - demo: the demo's feedback settings (5 head steps of 16, meta batch 16) and V on 16 of
 #   the 64 images: 8x the published share of V and ~4x the recipe's feedback work.
-VSTEP_DEMO = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=16"]
-VSTEP_RECIPE = [*DEFAULTS[:3], *DEFAULTS[4:], "value.batch_size=2", "feedback.head_steps=2",
+VSTEP_MODEL = [o for o in DEFAULTS if not o.startswith("data.batch_size=")]  # the demo's 64 images
+VSTEP_DEMO = [*VSTEP_MODEL, "value.batch_size=16"]
+VSTEP_RECIPE = [*VSTEP_MODEL, "value.batch_size=2", "feedback.head_steps=2",
                 "feedback.head_batch_size=4", "feedback.meta_batch_size=4"]
 # the smallest published scale: a ViT-S/14 on 224/98-px crops (2 global + 2 local), 8 images
 # a step (a CPU budget), V on 2 of them, 2 head steps of 8 feedback images at 224 px, a
@@ -156,11 +157,11 @@ def _synchronize(device: torch.device) -> None:
 def peak_growth(fn: Callable[[], object], device: torch.device) -> float:
     """Bytes of peak memory growth during ``fn`` (see the module docstring for CPU)."""
     if device.type == "cuda":
-        torch.cuda.synchronize()
+        _synchronize(device)
         base = torch.cuda.memory_allocated()
         torch.cuda.reset_peak_memory_stats()
         fn()
-        torch.cuda.synchronize()
+        _synchronize(device)
         return float(torch.cuda.max_memory_allocated() - base)
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     fn()
