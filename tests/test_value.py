@@ -335,28 +335,15 @@ def test_bad_arguments() -> None:
         directional_derivative(lambda: w.sum(), [w], [torch.ones(3)], method="jvp")
 
 
-def _saved_bytes(fn: Callable[[], Tensor]) -> tuple[Tensor, int]:
-    """fn() and the bytes autograd saved for its backward (storages counted once)."""
-    seen: dict[int, int] = {}
-
-    def pack(t: Tensor) -> Tensor:
-        seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return out, sum(seen.values())
-
-
 def test_grad_only_for_saves_less_and_keeps_the_gradients() -> None:
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(8, 64), torch.nn.GELU(), torch.nn.Linear(64, 64),
                               torch.nn.GELU(), torch.nn.Linear(64, 1))
     kept = list(net[4].parameters())
     x = torch.randn(32, 8, requires_grad=True)
-    full, full_bytes = _saved_bytes(lambda: net(x).sum())
+    full, _, full_bytes = _live_saved(lambda: net(x).sum())
     with grad_only_for(net.parameters(), keep=kept):
-        lean, lean_bytes = _saved_bytes(lambda: net(x).sum())
+        lean, _, lean_bytes = _live_saved(lambda: net(x).sum())
     # flags are back, and the graph built inside still works after the block
     assert all(p.requires_grad for p in net.parameters())
     assert torch.equal(full, lean)
