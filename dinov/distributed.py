@@ -287,8 +287,8 @@ def all_gather_rows(tensor: torch.Tensor) -> torch.Tensor:
 def average_gradients(params: list[nn.Parameter]) -> None:
     """Replace every ``param.grad`` by its mean over ranks (a missing one counts as zeros).
 
-    For modules trained outside DDP on each rank's share of a batch (the designer, the
-    feedback heads): one all-reduce, so they take identical steps on every rank.
+    For a module trained outside DDP on each rank's share of a batch (the designer): one
+    all-reduce, so it takes identical steps on every rank.
     """
     if not is_distributed():
         return
