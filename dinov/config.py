@@ -92,6 +92,13 @@ class ModelConfig:
     the architecture's values (``null`` keeps them) for small CPU models.
     ``weights`` is a local checkpoint file; ``weights_format`` is ``auto``, ``dinov2``,
     ``dinov3``, ``timm`` or ``ours`` (a checkpoint of this trainer).
+
+    ``img_size`` is the size the model is built for; a loaded file's position table
+    keeps its own grid whatever it is. ``pos_interp`` is how that table is resized to
+    other input grids: ``auto`` takes it from the weights (``dinov2`` or ``dinov2_reg``
+    for official DINOv2 files, the recorded value for our checkpoints, ``timm``
+    otherwise); ``dinov2``, ``dinov2_reg`` or ``timm`` force one. Checkpoints record the
+    resolved value, so they evaluate the way they trained.
     """
 
     arch: str = "vit_small_patch14_dinov2"
@@ -107,6 +114,7 @@ class ModelConfig:
     weights_format: str = "auto"
     weights_key: str = "teacher"
     attention: str = "sdpa"
+    pos_interp: str = "auto"
 
 
 @dataclass
@@ -218,6 +226,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "data.kind": ("synthetic", "imagefolder", "folder"),
     "model.weights_format": ("auto", "dinov2", "dinov3", "timm", "ours"),
     "model.attention": ("sdpa", "xformers"),
+    "model.pos_interp": ("auto", "dinov2", "dinov2_reg", "timm"),
     "loss.centering": ("softmax", "sinkhorn_knopp"),
     "train.precision": ("fp32", "bf16"),
     "train.progress": ("auto", "tqdm", "log", "none"),

@@ -56,8 +56,11 @@ def resolve_model_config(cfg: ModelConfig) -> ModelConfig:
     saved = _checkpoint_model_config(path)
     if saved is None:
         return cfg
+    # pos_interp: the checkpoint's recorded value unless this run sets one.
+    pos_interp = saved.pos_interp if cfg.pos_interp == "auto" else cfg.pos_interp
     return dataclasses.replace(saved, weights=cfg.weights, weights_format="ours",
-                               weights_key=cfg.weights_key, attention=cfg.attention)
+                               weights_key=cfg.weights_key, attention=cfg.attention,
+                               pos_interp=pos_interp)
 
 
 def build_eval_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") -> Backbone:
@@ -65,9 +68,11 @@ def build_eval_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") ->
     cfg = resolve_model_config(cfg)
     backbone = build_backbone(cfg)
     if cfg.weights:
-        report = load_backbone_weights(backbone, cfg.weights, cfg.weights_format, cfg.weights_key)
+        report = load_backbone_weights(backbone, cfg.weights, cfg.weights_format, cfg.weights_key,
+                                       cfg.pos_interp)
         print(report.summary(), file=sys.stderr)
     backbone.requires_grad_(False)
+    backbone.cache_positions()  # frozen: one table resize per input grid, not per forward
     return backbone.eval().to(device)
 
 

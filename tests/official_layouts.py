@@ -24,7 +24,13 @@ def randomise_(backbone: Backbone, seed: int = 0, scale: float = 0.3) -> Backbon
 
 
 def dinov2_official(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """Inverse of timm's _convert_dinov2: timm state -> facebookresearch/dinov2 keys."""
+    """Inverse of timm's _convert_dinov2: timm state -> facebookresearch/dinov2 keys.
+
+    The source ``backbone`` is switched to the official family's position resize
+    (``dinov2`` / ``dinov2_reg``), so that it stands for the official model the file
+    comes from: a backbone loaded from the file then reproduces it at every input size.
+    """
+    backbone.pos_interp = "dinov2_reg" if "reg_token" in backbone.model.state_dict() else "dinov2"
     state = {k: v.clone() for k, v in backbone.model.state_dict().items()}
     state["mask_token"] = backbone.mask_token.detach().clone()  # official shape (1, D)
     if "reg_token" in state:
@@ -37,12 +43,20 @@ def dinov2_official(backbone: Backbone) -> dict[str, torch.Tensor]:
 
 
 def dinov3_official(backbone: Backbone) -> dict[str, torch.Tensor]:
-    """Inverse of timm's eva checkpoint_filter_fn for dinov3: timm state -> official keys."""
+    """Inverse of timm's eva checkpoint_filter_fn for dinov3: timm state -> official keys.
+
+    Official files keep the rope periods as a bf16-rounded buffer, which the official
+    model uses: the file gets rounded periods, and so does the source ``backbone``.
+    """
     gen = torch.Generator().manual_seed(11)
     out: dict[str, torch.Tensor] = {"mask_token": backbone.mask_token.detach().clone()}
-    # Official files keep the rope periods as a (bf16-rounded) persistent buffer.
-    out["rope_embed.periods"] = backbone.model.rope.periods.to(torch.bfloat16).float()
+    periods = backbone.model.rope.periods
+    out["rope_embed.periods"] = periods.to(torch.bfloat16).float()
+    with torch.no_grad():
+        periods.copy_(out["rope_embed.periods"])
     for k, v in backbone.model.state_dict().items():
+        if k == "rope.periods":
+            continue  # written as rope_embed.periods above
         k = k.replace("reg_token", "storage_tokens")
         k = k.replace("gamma_1", "ls1.gamma").replace("gamma_2", "ls2.gamma")
         if k.endswith("attn.q_bias") or k.endswith("attn.v_bias"):

@@ -296,24 +296,40 @@ def test_load_official_dinov2(arch, tmp_path: Path):
     assert "mask_token" in report.loaded and "model.blocks.2.ls2.gamma" in report.loaded
 
 
-def test_load_official_dinov2_resamples_the_37x37_pos_embed(tmp_path: Path):
-    from timm.layers import resample_abs_pos_embed
-
+def test_load_official_dinov2_keeps_the_37x37_pos_embed(tmp_path: Path):
     source = tiny(DINOV2, img_size=518)  # the official grid: 1 + 37*37 positions
     state = dinov2_official(source)
     assert state["pos_embed"].shape == (1, 1 + 37 * 37, 32)
     torch.save(state, tmp_path / "w.pth")
     target = tiny(DINOV2, img_size=28, seed=5)
     report = load_backbone_weights(target, tmp_path / "w.pth", fmt="dinov2")
-    expected = resample_abs_pos_embed(state["pos_embed"], new_size=[2, 2], num_prefix_tokens=1)
-    torch.testing.assert_close(target.model.pos_embed, expected, atol=1e-6, rtol=0)
-    assert any("pos_embed resampled" in note for note in report.converted)
+    torch.testing.assert_close(target.model.pos_embed, state["pos_embed"], atol=0, rtol=0)
+    assert target.position_grid == report.pos_grid == (37, 37)
+    assert target.pos_interp == report.pos_interp == "dinov2"
+    assert "resampled" not in report.summary() and "positions 37x37, dinov2" in report.summary()
     torch.testing.assert_close(
         target.model.blocks[0].attn.qkv.weight,
         source.model.blocks[0].attn.qkv.weight,
         atol=0,
         rtol=0,
     )
+
+
+def test_register_file_report_names_the_cls_fold_not_a_resample(tmp_path: Path):
+    torch.save(dinov2_official(tiny(DINOV2_REG, img_size=518)), tmp_path / "w.pth")
+    report = load_backbone_weights(tiny(DINOV2_REG, img_size=224), tmp_path / "w.pth")
+    assert report.pos_interp == "dinov2_reg" and report.pos_grid == (37, 37)
+    assert "cls_token += pos_embed[:, 0]" in report.summary()
+    assert "resampled" not in report.summary()
+
+
+def test_explicit_pos_interp_overrides_the_file_family(tmp_path: Path):
+    torch.save(dinov2_official(tiny(DINOV2, img_size=518)), tmp_path / "w.pth")
+    target = tiny(DINOV2, img_size=224)
+    assert load_backbone_weights(target, tmp_path / "w.pth", pos_interp="timm").pos_interp == "timm"
+    assert target.pos_interp == "timm"
+    with pytest.raises(ValueError, match="pos_interp"):
+        load_backbone_weights(target, tmp_path / "w.pth", pos_interp="bilinear")
 
 
 def test_load_dinov2_training_checkpoint_with_chunked_blocks(tmp_path: Path):
@@ -340,13 +356,17 @@ def test_load_dinov2_training_checkpoint_with_chunked_blocks(tmp_path: Path):
 def test_load_official_dinov3(arch, tmp_path: Path):
     source = tiny(arch, seed=0)
     path = tmp_path / "dinov3_vits16_pretrain.pth"
-    torch.save(dinov3_official(source), path)
+    state = dinov3_official(source)  # rounds the source's periods as official files are
+    torch.save(state, path)
     target = tiny(arch, seed=5)
     report = load_backbone_weights(target, path)
     assert report.format == "dinov3" and report.mask_token_loaded
-    assert (
-        "rope_embed.periods" in report.ignored and "blocks.0.attn.qkv.bias_mask" in report.ignored
-    )
+    assert "blocks.0.attn.qkv.bias_mask" in report.ignored
+    assert any("rope_embed.periods -> rope.periods" in note for note in report.converted)
+    torch.testing.assert_close(target.model.rope.periods, state["rope_embed.periods"],
+                               atol=0, rtol=0)
+    assert not torch.equal(target.model.rope.periods, tiny(arch).model.rope.periods)  # not timm's
+    assert "model.rope.periods" in target.state_dict()  # our checkpoints carry them
     assert_same_output(source, target, images(32, 48))
     assert_same_output(source, target, images(35, 50))
     torch.testing.assert_close(target.mask_token, source.mask_token, atol=0, rtol=0)
@@ -391,16 +411,20 @@ def test_load_timm_and_ours(arch, tmp_path: Path):
         load_backbone_weights(target, tmp_path / "ours.pth", key="student")
 
 
-def test_ours_resamples_pos_embed_to_the_model_grid(tmp_path: Path):
-    source = tiny(DINOV2, img_size=56)
-    torch.save(
-        {"model": {f"teacher.backbone.{k}": v for k, v in source.state_dict().items()}},
-        tmp_path / "ours.pth",
-    )
-    target = tiny(DINOV2, img_size=28, seed=3)
+def test_ours_keeps_the_file_grid_and_its_recorded_interpolation(tmp_path: Path):
+    source = tiny(DINOV2, img_size=56)  # a 4x4 table
+    source.pos_interp = "dinov2"
+    model = {f"teacher.backbone.{k}": v for k, v in source.state_dict().items()}
+    torch.save({"model": model, "pos_interp": "dinov2"}, tmp_path / "ours.pth")  # as Trainer
+    target = tiny(DINOV2, img_size=28, seed=3)  # built for 2x2
     report = load_backbone_weights(target, tmp_path / "ours.pth", fmt="ours")
-    assert target.model.pos_embed.shape == (1, 5, 32)
-    assert any("pos_embed resampled" in note for note in report.converted)
+    assert target.model.pos_embed.shape == (1, 17, 32) and target.position_grid == (4, 4)
+    assert report.pos_interp == target.pos_interp == "dinov2"
+    assert "resampled" not in report.summary()
+    assert_same_output(source, target, images(28, 42))  # a grid neither was built for
+    # Older checkpoints (no recorded value, table resampled by timm at load): timm.
+    torch.save({"model": model}, tmp_path / "old.pth")
+    assert load_backbone_weights(tiny(DINOV2), tmp_path / "old.pth").pos_interp == "timm"
 
 
 # ---------------------------------------------------------------------- errors

@@ -17,6 +17,13 @@ cls / patch split), so callers can run the trunk once and re-run only the last b
 (the value estimator's aligned parameters, DESIGN.md section 3). Composed, the three
 reproduce timm's own ``forward_features`` exactly.
 
+Learned position tables (VisionTransformer) are kept at the grid they were trained at
+(37x37 for official DINOv2 files, whatever a timm or our file holds) and resized for each
+input grid by :meth:`Backbone.position_embedding`, with the interpolation of the family
+the weights came from (``Backbone.pos_interp``, see :func:`resize_patch_positions`): a
+run at 224 px never rewrites the 518 px table, so the same weights also give the
+official features at 448 or 518 px.
+
 It also owns the attention backend switch (``sdpa``, timm's default, or ``xformers``).
 Weight loading lives in :mod:`dinov.models.weights`.
 """
@@ -39,6 +46,11 @@ if TYPE_CHECKING:
     from dinov.config import ModelConfig
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+# How a position table is resized to another grid. ``auto`` means: from the weights that
+# are loaded (dinov2 / dinov2_reg for official DINOv2 files, the recorded value for our
+# checkpoints, timm otherwise).
+POS_INTERPOLATIONS = ("auto", "dinov2", "dinov2_reg", "timm")
+_POS_CACHE_SIZE = 8  # grids an eval backbone keeps resized tables for
 
 
 @dataclass
@@ -57,6 +69,39 @@ class BackboneOutput:
     cls: Tensor  # (B, D)
     patch: Tensor  # (B, h*w, D)
     grid: tuple[int, int]
+
+
+def resize_patch_positions(
+    patch_pos: Tensor, old_grid: tuple[int, int], new_grid: tuple[int, int], mode: str
+) -> Tensor:
+    """Resize a (1, h*w, D) table of patch positions from ``old_grid`` to ``new_grid``.
+
+    ``mode`` is the interpolation of the family the weights were trained with, because
+    the features depend on it wherever the input grid is not the table's:
+
+    - ``dinov2``: facebookresearch/dinov2's ``interpolate_pos_encoding`` for the models
+      without registers: bicubic by ``scale_factor = (new + 0.1) / old`` (its historical
+      offset, which shifts the sampling positions, not only the size), no antialiasing;
+    - ``dinov2_reg``: the official register models (built with ``interpolate_offset=0``,
+      ``interpolate_antialias=True``): bicubic to ``size=new`` with antialiasing, which is
+      also what timm does, so ``timm`` (and ``auto``) compute the same.
+
+    Computed in fp32 and returned in the table's dtype, as both do.
+    """
+    if mode not in POS_INTERPOLATIONS:
+        raise ValueError(f"pos_interp must be one of {POS_INTERPOLATIONS}, got {mode!r}")
+    dim = patch_pos.shape[-1]
+    grid = patch_pos.float().reshape(1, *old_grid, dim).permute(0, 3, 1, 2)
+    if mode == "dinov2":
+        if old_grid[0] != old_grid[1]:
+            raise ValueError(f"pos_interp=dinov2 needs a square position table, got {old_grid}")
+        scale = tuple((new + 0.1) / old_grid[0] for new in new_grid)
+        grid = F.interpolate(grid, scale_factor=scale, mode="bicubic", antialias=False)
+        if tuple(grid.shape[-2:]) != tuple(new_grid):  # the offset is there to make this hold
+            raise RuntimeError(f"dinov2 interpolation gave {tuple(grid.shape[-2:])}, not {new_grid}")
+    else:
+        grid = F.interpolate(grid, size=new_grid, mode="bicubic", antialias=True)
+    return grid.permute(0, 2, 3, 1).reshape(1, -1, dim).to(patch_pos.dtype)
 
 
 def _timm_classes() -> tuple[type[nn.Module], type[nn.Module]]:
@@ -100,6 +145,16 @@ class Backbone(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, self.embed_dim))
         self.attention = "sdpa"
         self.grad_checkpointing = False
+        self.pos_interp = "timm"  # set by the weights loader from the file's family
+        # Learned positions: cls (and register) rows not resized, then the patch table.
+        self.pos_prefix_rows = 0 if getattr(model, "no_embed_class", True) else self.num_prefix_tokens
+        self._pos_cache: dict[tuple[int, int], tuple[tuple, Tensor]] | None = None
+        rope = getattr(model, "rope", None)
+        if isinstance(getattr(rope, "periods", None), Tensor):
+            # timm keeps DINOv3's RoPE periods out of the state dict and recomputes them;
+            # official files hold their own (bf16-rounded) values and the official model
+            # uses those. Persistent, so loaded values reach our checkpoints too.
+            rope.register_buffer("periods", rope.periods, persistent=True)
 
     # ------------------------------------------------------------------ stages
     def patch_grid(self, height: int, width: int) -> tuple[int, int]:
@@ -126,9 +181,85 @@ class Backbone(nn.Module):
             # Eva's _pos_embed also builds the RoPE table for this (h, w) grid.
             x, rope = self.model._pos_embed(x)
         else:
-            x, rope = self.model.patch_drop(self.model._pos_embed(x)), None
+            x, rope = self.model.patch_drop(self._add_positions(x)), None
         x = self.model.norm_pre(x)
         return TokenState(x=x, rope=rope, grid=(h, w))
+
+    def _add_positions(self, x: Tensor) -> Tensor:
+        """timm's ``VisionTransformer._pos_embed`` with our table resize: (B, h, w, D) -> (B, T, D)."""
+        model = self.model
+        batch, h, w, dim = x.shape
+        x = x.reshape(batch, h * w, dim)
+        prefix = [t.expand(batch, -1, -1) for t in (model.cls_token, model.reg_token) if t is not None]
+        if model.pos_embed is None:
+            return torch.cat([*prefix, x], dim=1)
+        pos = self.position_embedding((h, w))
+        if self.pos_prefix_rows == 0:  # no_embed_class: prefix tokens carry no position
+            x = torch.cat([*prefix, x + pos], dim=1)
+        else:
+            x = torch.cat([*prefix, x], dim=1) + pos
+        return model.pos_drop(x)
+
+    # ----------------------------------------------------------- positions
+    @property
+    def position_grid(self) -> tuple[int, int] | None:
+        """The grid of the stored position table (None: no learned table, e.g. RoPE)."""
+        if getattr(self.model, "pos_embed", None) is None:
+            return None
+        return tuple(int(n) for n in self.model.patch_embed.grid_size)  # type: ignore[return-value]
+
+    def set_position_grid(self, grid: tuple[int, int]) -> None:
+        """Make the stored table ``grid`` (a new, zero table: the loader fills it).
+
+        Used before loading a file whose table is of another grid than the one the
+        model was built for, so the file's table is kept as it is instead of resampled.
+        Call it before an optimizer holds the parameters.
+        """
+        grid = (int(grid[0]), int(grid[1]))
+        if self.position_grid is None:
+            raise ValueError("this backbone has no learned position table")
+        if grid == self.position_grid:
+            return
+        old = self.model.pos_embed
+        rows = self.pos_prefix_rows + grid[0] * grid[1]
+        self.model.pos_embed = nn.Parameter(old.new_zeros(1, rows, old.shape[-1]),
+                                            requires_grad=old.requires_grad)
+        embed = self.model.patch_embed
+        embed.grid_size = grid
+        embed.num_patches = grid[0] * grid[1]
+        embed.img_size = (grid[0] * self.patch_size, grid[1] * self.patch_size)
+        self._pos_cache = {} if self._pos_cache is not None else None
+
+    def cache_positions(self, enable: bool = True) -> None:
+        """Keep resized tables per grid (for frozen eval backbones: no resize per forward).
+
+        An entry is reused only while the table is the same tensor at the same version
+        and ``pos_interp`` is unchanged, so loading other weights (or any in-place
+        update) recomputes it. Training never
+        enables it: the table is a trained parameter there and the resize is in the graph.
+        """
+        self._pos_cache = {} if enable else None
+
+    def position_embedding(self, grid: tuple[int, int]) -> Tensor:
+        """Position rows for an input ``grid``: (1, prefix rows + h*w, D), table dtype."""
+        table = self.model.pos_embed
+        native = self.position_grid
+        if grid == native:
+            return table  # both families use the stored table as it is at its own grid
+        cache = self._pos_cache
+        use_cache = cache is not None and not (torch.is_grad_enabled() and table.requires_grad)
+        # Which table, and which state of it, an entry was resized from.
+        stamp = (id(table), table.data_ptr(), table._version, self.pos_interp)
+        if use_cache and grid in cache and cache[grid][0] == stamp:
+            return cache[grid][1]
+        rows = self.pos_prefix_rows
+        patch = resize_patch_positions(table[:, rows:], native, grid, self.pos_interp)
+        pos = torch.cat([table[:, :rows], patch], dim=1) if rows else patch
+        if use_cache:
+            if grid not in cache and len(cache) >= _POS_CACHE_SIZE:
+                cache.pop(next(iter(cache)))
+            cache[grid] = (stamp, pos)
+        return pos
 
     def _mask_grid(self, masks: Tensor, batch: int, h: int, w: int) -> Tensor:
         """Validate and reshape a patch mask to (B, h, w, 1) for broadcasting over channels."""
@@ -396,7 +527,13 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     _, eva_cls = _timm_classes()
     # Which kwarg names apply depends on the class; the entrypoint's module tells which.
     eva = timm.models.model_entrypoint(cfg.arch).__module__ == eva_cls.__module__
+    if cfg.pos_interp not in POS_INTERPOLATIONS:
+        raise ValueError(
+            f"model.pos_interp must be one of {POS_INTERPOLATIONS}, got {cfg.pos_interp!r}"
+        )
     model = timm.create_model(cfg.arch, **_timm_kwargs(cfg, eva))
     backbone = Backbone(model)
     backbone.set_attention(cfg.attention)
+    # 'auto' is settled by the weights loader; without weights the table is timm's own.
+    backbone.pos_interp = "timm" if cfg.pos_interp == "auto" else cfg.pos_interp
     return backbone

@@ -47,7 +47,7 @@ class SSLMetaArch(nn.Module):
         backbone = build_backbone(cfg.model)
         if cfg.model.weights:
             load_backbone_weights(backbone, cfg.model.weights, cfg.model.weights_format,
-                                  cfg.model.weights_key)
+                                  cfg.model.weights_key, cfg.model.pos_interp)
         student = nn.ModuleDict({
             "backbone": backbone,
             "dino_head": build_head(cfg.head, backbone.embed_dim),

@@ -97,6 +97,9 @@ class Trainer:
         return {
             "step": self.step,
             "config": to_yaml(self.cfg),  # lets eval rebuild the backbone from the file alone
+            # how the loaded weights resize positions (model.pos_interp=auto resolved), so
+            # the checkpoint evaluates the way the run trained
+            "pos_interp": self.model.backbone.pos_interp,
             "model": model_state_dict(self.model),  # full and wrapper-free under DDP/FSDP
             "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "task_builder": builder_state,
