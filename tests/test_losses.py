@@ -156,6 +156,21 @@ def test_dino_loss_matches_double_loop() -> None:
     assert got.item() == pytest.approx(expected, rel=1e-5)
 
 
+def test_dino_loss_without_local_crops_is_the_mean_over_the_two_cross_view_pairs() -> None:
+    """The documented choice (DINOv3's weighting): with 2 global and 0 local crops the
+    loss is the mean of H(t0, s1) and H(t1, s0), not DINOv2's sum / 3."""
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 4, 5, generator=gen), torch.randn(2, 4, 5, generator=gen)
+    teacher = teacher.softmax(-1)
+    log_p = torch.log_softmax(student / 0.1, dim=-1)
+    h01 = -(teacher[0] * log_p[1]).sum(-1).mean()
+    h10 = -(teacher[1] * log_p[0]).sum(-1).mean()
+    got = DINOLoss(out_dim=5, student_temp=0.1)(student, teacher)
+    torch.testing.assert_close(got, (h01 + h10) / 2, atol=1e-6, rtol=0)
+    dinov2_normalisation = (h01 + h10) / ((2 - 1) * 2 + max(0 * 2, 1))
+    assert not torch.isclose(got, dinov2_normalisation)
+
+
 def test_dino_loss_rejects_mismatched_crops() -> None:
     loss = DINOLoss(out_dim=3)
     with pytest.raises(ValueError, match="teacher crops"):

@@ -170,6 +170,17 @@ class DINOLoss(CenteredCrossEntropy):
         ``student_logits`` is (n_student_crops, B, K) with the global crops first, in the
         teacher's order; ``teacher_probs`` is (n_global, B, K). Each pair's cross-entropy is
         averaged over the batch.
+
+        Normalisation: the sum over pairs is divided by the number of pairs,
+        ``n_global * (n_global - 1) + n_global * n_local``. facebookresearch/dinov2 divides by
+        ``(n_global - 1) * n_global + max(n_local * n_global, 1)``: the same whenever there
+        are local crops, but with none it counts a local pair that does not exist (2
+        pairs / 3 at two global crops, so its DINO term is 2/3 of the pair mean). We keep
+        the true mean: it is what facebookresearch/dinov3 computes (each term weighted by
+        its count of pairs), it keeps the DINO weight relative to iBOT and KoLeo the same
+        whatever the number of local crops, and DINOv2 runs use local crops (8) anyway.
+        To reproduce a DINOv2 run without local crops exactly, scale
+        ``loss.dino_loss_weight`` by 2/3.
         """
         n_student, batch, _ = student_logits.shape
         n_pairs = n_global * n_student - n_global
