@@ -9,10 +9,11 @@ is a :class:`~dinov.config.ConfigError` naming the key.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from designers.feedback import MODES, SOURCES, FeedbackConfig
 from designers.value import METHODS
-from dinov.config import Config
+from dinov.config import Config, check_range
 
 DESIGNER_KINDS = ("none", "mask", "augment", "token_mask")
 
@@ -57,10 +58,13 @@ class DesignerConfig:
     teacher_gradient: bool = False
 
     def __post_init__(self) -> None:
-        if self.every < 1:
-            raise ValueError(f"designer.every must be >= 1, got {self.every}")
-        if self.burn_in < 0:
-            raise ValueError(f"designer.burn_in must be >= 0, got {self.burn_in}")
+        check_range("designer.every", self.every, 1)
+        check_range("designer.burn_in", self.burn_in, 0)
+        check_range("designer.lr", self.lr, 0.0, low_open=True)
+        check_range("designer.kappa", self.kappa, 0.0, 1.0)
+        for key in ("lambda_sparsity", "lambda_tv", "lambda_prior", "lambda_entropy"):
+            check_range(f"designer.{key}", getattr(self, key), 0.0)
+        check_range("designer.token_temperature", self.token_temperature, 0.0, low_open=True)
 
 
 @dataclass
@@ -86,13 +90,25 @@ class ValueConfig:
     recompute: bool = False
 
     def __post_init__(self) -> None:
-        if self.batch_size < 0:
-            raise ValueError(f"value.batch_size must be >= 0, got {self.batch_size}")
+        check_range("value.batch_size", self.batch_size, 0)
+        # the upper bound is the backbone's depth: checked when the designer is set up
+        check_range("value.align_last_n_blocks", self.align_last_n_blocks, 1)
+        check_range("value.eps", self.eps, 0.0, low_open=True)  # fd divides by it
 
 
 @dataclass
 class VConfig(Config):
-    """A complete V-pretraining run: learner + designer + value + feedback."""
+    """A complete V-pretraining run: learner + designer + value + feedback.
+
+    Beyond the learner's, the designer's kind and modules and the feedback heads' shapes
+    are architecture: a resume cannot change them.
+    """
+
+    ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
+        *Config.ARCHITECTURE_KEYS, "designer.kind", "designer.fixed", "designer.augment_local",
+        "feedback.source", "feedback.seg_num_classes", "feedback.depth_head_mode",
+        "feedback.depth_n_bins", "feedback.depth_layers", "feedback.depth_layer_set",
+    )
 
     designer: DesignerConfig = field(default_factory=DesignerConfig)
     value: ValueConfig = field(default_factory=ValueConfig)

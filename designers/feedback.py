@@ -61,6 +61,7 @@ import torch
 from torch import Tensor, nn
 
 from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
+from dinov.config import check_range
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
 from dinov.distributed import all_gather_rows, all_reduce_mean, all_reduce_mean_list, is_distributed
@@ -148,6 +149,16 @@ class FeedbackConfig:
         if self.head_steps < 1 or self.head_warmup_steps < 0:
             raise ValueError(f"feedback.head_steps must be >= 1 and feedback.head_warmup_steps "
                              f">= 0, got {self.head_steps} and {self.head_warmup_steps}")
+        for key in ("seg_head_pool", "seg_meta_pool", "depth_head_pool", "depth_meta_pool",
+                    "synthetic_head_pool", "synthetic_meta_pool", "image_size",
+                    "depth_n_bins", "depth_layers", "head_batch_size", "meta_batch_size"):
+            check_range(f"feedback.{key}", getattr(self, key), 1)
+        if self.seg_num_classes is not None:
+            check_range("feedback.seg_num_classes", self.seg_num_classes, 1)
+        check_range("feedback.min_depth", self.min_depth, 0.0, low_open=True)
+        check_range("feedback.max_depth", self.max_depth, self.min_depth, low_open=True)
+        check_range("feedback.head_lr", self.head_lr, 0.0, low_open=True)
+        check_range("feedback.head_weight_decay", self.head_weight_decay, 0.0)
 
 
 # ---------------------------------------------------------------------- pools

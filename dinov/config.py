@@ -13,7 +13,7 @@ import dataclasses
 import pathlib
 import typing
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import (
@@ -26,6 +26,22 @@ from omegaconf.errors import (
 
 class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type or range."""
+
+
+def check_range(key: str, value: float | int, low: float | None = None,
+                high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` lies in the given interval."""
+    too_low = low is not None and (value <= low if low_open else value < low)
+    too_high = high is not None and (value >= high if high_open else value > high)
+    if not (too_low or too_high):
+        return
+    if high is None:
+        expected = f"{'>' if low_open else '>='} {low}"
+    elif low is None:
+        expected = f"{'<' if high_open else '<='} {high}"
+    else:
+        expected = f"in {'(' if low_open else '['}{low}, {high}{')' if high_open else ']'}"
+    raise ConfigError(f"config key '{key}' must be {expected}, got {value!r}")
 
 
 @dataclass
@@ -46,6 +62,12 @@ class DataConfig:
     seed: int = 0
     batch_size: int = 32
     num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        check_range("data.image_size", self.image_size, 1)
+        check_range("data.num_samples", self.num_samples, 1)
+        check_range("data.batch_size", self.batch_size, 1)
+        check_range("data.num_workers", self.num_workers, 0)
 
 
 @dataclass
@@ -72,6 +94,22 @@ class CropsConfig:
     normalize_mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     normalize_std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 
+    def __post_init__(self) -> None:
+        check_range("crops.global_crops_size", self.global_crops_size, 1)
+        check_range("crops.local_crops_size", self.local_crops_size, 1)
+        check_range("crops.local_crops_number", self.local_crops_number, 0)
+        for key in ("global_crops_scale", "local_crops_scale", "blur_sigma"):
+            pair = getattr(self, key)
+            if len(pair) != 2 or not 0 < pair[0] <= pair[1]:
+                raise ConfigError(f"config key 'crops.{key}' must be [low, high] with "
+                                  f"0 < low <= high, got {pair}")
+        for key in ("horizontal_flip_prob", "color_jitter_prob", "grayscale_prob",
+                    "blur_prob_global1", "blur_prob_global2", "blur_prob_local",
+                    "solarize_prob_global2"):
+            check_range(f"crops.{key}", getattr(self, key), 0.0, 1.0)
+        if any(std <= 0 for std in self.normalize_std):
+            raise ConfigError(f"config key 'crops.normalize_std' must be > 0, got {self.normalize_std}")
+
 
 @dataclass
 class MaskConfig:
@@ -81,6 +119,15 @@ class MaskConfig:
     mask_ratio_min_max: list[float] = field(default_factory=lambda: [0.1, 0.5])
     min_num_patches: int = 4
     max_aspect_ratio: float = 3.0
+
+    def __post_init__(self) -> None:
+        check_range("masks.mask_sample_probability", self.mask_sample_probability, 0.0, 1.0)
+        ratio = self.mask_ratio_min_max
+        if len(ratio) != 2 or not 0 <= ratio[0] <= ratio[1] <= 1:
+            raise ConfigError(f"config key 'masks.mask_ratio_min_max' must be [low, high] with "
+                              f"0 <= low <= high <= 1, got {ratio}")
+        check_range("masks.min_num_patches", self.min_num_patches, 1)
+        check_range("masks.max_aspect_ratio", self.max_aspect_ratio, 1.0)
 
 
 @dataclass
@@ -116,6 +163,15 @@ class ModelConfig:
     attention: str = "sdpa"
     pos_interp: str = "auto"
 
+    def __post_init__(self) -> None:
+        check_range("model.img_size", self.img_size, 1)
+        for key in ("patch_size", "embed_dim", "depth", "num_heads"):
+            if getattr(self, key) is not None:
+                check_range(f"model.{key}", getattr(self, key), 1)
+        if self.num_register_tokens is not None:
+            check_range("model.num_register_tokens", self.num_register_tokens, 0)
+        check_range("model.drop_path_rate", self.drop_path_rate, 0.0, 1.0, high_open=True)
+
 
 @dataclass
 class HeadConfig:
@@ -127,6 +183,10 @@ class HeadConfig:
     nlayers: int = 3
     ibot_separate_head: bool = False
     ibot_out_dim: int = 65536
+
+    def __post_init__(self) -> None:
+        for key in ("out_dim", "hidden_dim", "bottleneck_dim", "nlayers", "ibot_out_dim"):
+            check_range(f"head.{key}", getattr(self, key), 1)
 
 
 @dataclass
@@ -143,6 +203,16 @@ class LossConfig:
     teacher_temp: float = 0.07
     warmup_teacher_temp: float = 0.04
     warmup_teacher_temp_steps: int = 0
+
+    def __post_init__(self) -> None:
+        for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
+            check_range(f"loss.{key}", getattr(self, key), 0.0)
+        # the temperatures divide the logits
+        for key in ("student_temp", "teacher_temp", "warmup_teacher_temp"):
+            check_range(f"loss.{key}", getattr(self, key), 0.0, low_open=True)
+        check_range("loss.center_momentum", self.center_momentum, 0.0, 1.0)
+        check_range("loss.sinkhorn_iterations", self.sinkhorn_iterations, 1)
+        check_range("loss.warmup_teacher_temp_steps", self.warmup_teacher_temp_steps, 0)
 
 
 @dataclass
@@ -163,6 +233,21 @@ class OptimConfig:
     beta1: float = 0.9
     beta2: float = 0.999
 
+    def __post_init__(self) -> None:
+        check_range("optim.lr", self.lr, 0.0)  # negative: gradient ascent
+        check_range("optim.min_lr", self.min_lr, 0.0)
+        check_range("optim.warmup_steps", self.warmup_steps, 0)
+        check_range("optim.weight_decay", self.weight_decay, 0.0)
+        check_range("optim.weight_decay_end", self.weight_decay_end, 0.0)
+        check_range("optim.momentum_teacher", self.momentum_teacher, 0.0, 1.0)
+        check_range("optim.final_momentum_teacher", self.final_momentum_teacher, 0.0, 1.0)
+        check_range("optim.layerwise_decay", self.layerwise_decay, 0.0, 1.0, low_open=True)
+        check_range("optim.patch_embed_lr_mult", self.patch_embed_lr_mult, 0.0)
+        check_range("optim.clip_grad", self.clip_grad, 0.0)  # 0: no clipping
+        check_range("optim.freeze_last_layer_steps", self.freeze_last_layer_steps, 0)
+        check_range("optim.beta1", self.beta1, 0.0, 1.0, high_open=True)
+        check_range("optim.beta2", self.beta2, 0.0, 1.0, high_open=True)
+
 
 @dataclass
 class ProbeConfig:
@@ -176,6 +261,14 @@ class ProbeConfig:
     epochs: int = 100
     lr: float = 0.1
     weight_decay: float = 1e-4
+
+    def __post_init__(self) -> None:
+        check_range("probe.every", self.every, 0)
+        check_range("probe.num_train", self.num_train, 1)
+        check_range("probe.num_val", self.num_val, 1)
+        check_range("probe.epochs", self.epochs, 1)
+        check_range("probe.lr", self.lr, 0.0, low_open=True)
+        check_range("probe.weight_decay", self.weight_decay, 0.0)
 
 
 @dataclass
@@ -194,6 +287,15 @@ class TrainConfig:
     progress: str = "auto"
     plots: bool = True
 
+    def __post_init__(self) -> None:
+        check_range("train.steps", self.steps, 1)
+        check_range("train.log_every", self.log_every, 1)  # a modulus
+        check_range("train.checkpoint_every", self.checkpoint_every, 1)
+        check_range("train.keep_last", self.keep_last, 0)
+        check_range("train.max_nonfinite_steps", self.max_nonfinite_steps, 0)
+        if self.stop_at_step is not None:
+            check_range("train.stop_at_step", self.stop_at_step, 1)
+
 
 @dataclass
 class DistributedConfig:
@@ -205,7 +307,16 @@ class DistributedConfig:
 
 @dataclass
 class Config:
-    """A complete learner run."""
+    """A complete learner run.
+
+    ``ARCHITECTURE_KEYS`` (dotted keys, or whole sections) shape a checkpoint's tensors
+    and states: a resume with any of them changed is refused (:mod:`dinov.train.resume`).
+    """
+
+    ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
+        "model.arch", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
+        "model.num_heads", "model.num_register_tokens", "head",
+    )
 
     output_dir: str = "runs/default"
     data: DataConfig = field(default_factory=DataConfig)
