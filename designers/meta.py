@@ -60,7 +60,14 @@ from designers.value import (
     unit_direction,
 )
 from designers.views import AugmentationDesigner
-from dinov.distributed import average_gradients, full_parameters, is_distributed, uses_fsdp
+from dinov.config import ConfigError
+from dinov.distributed import (
+    all_ranks_finite,
+    average_gradients,
+    full_parameters,
+    is_distributed,
+    uses_fsdp,
+)
 from dinov.train.task import StepHook, Task
 
 if TYPE_CHECKING:
@@ -157,6 +164,10 @@ class DesignerHook(StepHook):
             raise NotImplementedError(
                 f"value.method={self.cfg.value.method} with FSDP (dist.strategy="
                 f"{trainer.cfg.dist.strategy}) is not supported; use value.method=fd")
+        depth = trainer.model.num_blocks
+        if self.cfg.value.align_last_n_blocks > depth:
+            raise ConfigError(f"config key 'value.align_last_n_blocks' must be <= the backbone's "
+                              f"depth ({depth}), got {self.cfg.value.align_last_n_blocks}")
         fb = self.cfg.feedback
         world = torch.distributed.get_world_size() if is_distributed() else 1
         if not self.cfg.designer.fixed and (fb.head_batch_size % world or fb.meta_batch_size % world):
@@ -243,17 +254,24 @@ class DesignerHook(StepHook):
         cfg = self.cfg
         backbone = trainer.model.backbone
         self.last_head_losses = self.heads.fit(backbone, self.pools)  # (1) frozen features
+        if not all(math.isfinite(v) for v in self.last_head_losses.values()):
+            return self._skip(trainer, "feedback head loss", task)
         aligned = aligned_parameters(backbone, cfg.value.align_last_n_blocks)
         batch = self.pools.sample("meta", cfg.feedback.meta_batch_size, self.meta_generator)
         batch = batch.to(trainer.device)
         g_down, l_down_t = downstream_gradient_and_loss(backbone, self.heads, batch, aligned,
                                                         cfg.feedback)  # (2)
+        if not all_ranks_finite(torch.stack([l_down_t.float(), *torch._foreach_norm(g_down)])):
+            return self._skip(trainer, "feedback gradient g_down (or L_down)", task)
         l_down = float(l_down_t)
         # (3) V on the first value.batch_size images: only their views carry a graph
         n = self._value_rows(task)
         designed, reg = self.design(images[:n], task.rows(0, n))
         value = self.value(trainer, step, designed, aligned, g_down)
-        self._designer_update(-value + reg)
+        if not all_ranks_finite(torch.stack([value.detach().float(), reg.detach().float()])):
+            return self._skip(trainer, "value V (or the designer's regulariser)", task)
+        if not self._designer_update(-value + reg):
+            return self._skip(trainer, "designer gradient", task)
         if n < task.batch_size:
             with torch.no_grad():
                 rest, _ = self.design(images[n:], task.rows(n, task.batch_size))
@@ -262,6 +280,12 @@ class DesignerHook(StepHook):
         self.meta_steps += 1
         self._pending = (batch, l_down, self.last_v)
         return designed
+
+    def _skip(self, trainer: Trainer, part: str, task: Task) -> Task:
+        """A non-finite meta step: no designer update, no calibration record, counted with
+        the learner's skipped steps; the learner trains on the default task."""
+        trainer.record_nonfinite(f"meta step: {part}")
+        return task
 
     def _value_rows(self, task: Task) -> int:
         n = self.cfg.value.batch_size
@@ -284,8 +308,8 @@ class DesignerHook(StepHook):
         deriv = designed_loss_derivative(model, designed, targets, aligned, g_down, self.cfg.value)
         return norm.to(deriv.dtype) * deriv
 
-    def _designer_update(self, loss: Tensor) -> None:
-        """One Adam step of the designer only.
+    def _designer_update(self, loss: Tensor) -> bool:
+        """One Adam step of the designer only; False (and no step) for a non-finite gradient.
 
         ``autograd.grad`` on the designer's parameters: the learner's ``.grad`` is never
         written (a plain ``backward`` would fill the student's non-aligned weights' grads).
@@ -298,8 +322,11 @@ class DesignerHook(StepHook):
         # every rank evaluated V on its own images: one designer, the average gradient
         # (heads and g_down agree already: fitted and taken on shares of the same batches)
         average_gradients(params)
-        self.optimizer.step()
+        finite = all_ranks_finite(torch.stack(torch._foreach_norm([p.grad for p in params])))
+        if finite:
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return finite
 
     # ----- calibration ---------------------------------------------------------------------
     def after_step(self, trainer: Trainer, step: int, task: Task,
@@ -312,8 +339,11 @@ class DesignerHook(StepHook):
             with full_parameters(trainer.model.student):
                 after = float(downstream_loss(trainer.model.backbone, self.heads, batch,
                                               self.cfg.feedback))
-            self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
-            self.realised.append(after - before)
+            if math.isfinite(after):
+                self.predicted.append(-trainer.schedules.at(step)["lr"] * value)
+                self.realised.append(after - before)
+            else:  # a diverged learner: a NaN pair would make every later r nan
+                trainer.record_nonfinite("calibration: L_down after the learner step")
             self._pending = None
         return {"calibration_r": pearson_r(self.predicted, self.realised),
                 "designer_V": self.last_v, "designer_meta_steps": float(self.meta_steps)}

@@ -13,7 +13,7 @@ from typing import Any
 
 from designers.config import V_CHOICES, VConfig
 from designers.meta import DesignerHook
-from dinov.cli import parse_config, setup_logging
+from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.train.trainer import Trainer
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(argv, "V-pretraining: a learner with a task designer", schema=VConfig,
                        choices=V_CHOICES)
     setup_logging()
-    results = run(cfg)
+    results = exit_on_run_error(lambda: run(cfg))
     print(json.dumps(results, indent=2))
     return results
 

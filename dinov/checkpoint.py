@@ -12,7 +12,8 @@ import os
 import pathlib
 import random
 import re
-from typing import Any
+from collections.abc import Callable
+from typing import Any, BinaryIO
 
 import numpy as np
 import torch
@@ -46,13 +47,14 @@ def _fsync_directory(directory: pathlib.Path) -> None:
         os.close(fd)
 
 
-def atomic_torch_save(obj: Any, path: str | pathlib.Path) -> None:
+def _atomic_write(path: str | pathlib.Path, write: Callable[[BinaryIO], None]) -> None:
+    """``write`` into a temporary file beside ``path``, fsync, rename over ``path``."""
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with open(tmp, "wb") as handle:
-            torch.save(obj, handle)
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
@@ -60,6 +62,15 @@ def atomic_torch_save(obj: Any, path: str | pathlib.Path) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_directory(path.parent)
+
+
+def atomic_torch_save(obj: Any, path: str | pathlib.Path) -> None:
+    _atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def atomic_write_text(path: str | pathlib.Path, text: str) -> None:
+    """Replace a text file (results, metrics) so that a kill leaves the old or the new one."""
+    _atomic_write(path, lambda handle: handle.write(text.encode()))
 
 
 def save_checkpoint(directory: str | pathlib.Path, step: int, state: dict[str, Any],

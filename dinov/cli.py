@@ -5,11 +5,13 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
 from typing import TypeVar
 
 from dinov.config import Config, ConfigError, load_config
 
 ConfigT = TypeVar("ConfigT")
+T = TypeVar("T")
 
 
 def parse_config(argv: list[str] | None, description: str,
@@ -25,6 +27,22 @@ def parse_config(argv: list[str] | None, description: str,
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def exit_on_run_error(run: Callable[[], T]) -> T:
+    """``run()``; a refused resume, a config error found at start-up, or a run stopped by
+    non-finite steps exits with one ``error:`` line (2, or 1 for the divergence)."""
+    from dinov.train.resume import ResumeError
+    from dinov.train.trainer import NonFiniteLossError
+
+    try:
+        return run()
+    except (ResumeError, ConfigError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except NonFiniteLossError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def setup_logging() -> None:

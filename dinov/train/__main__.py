@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import json
 
-from dinov.cli import parse_config, setup_logging
+from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.train.trainer import Trainer
 
 
 def main(argv: list[str] | None = None) -> None:
     cfg = parse_config(argv, "DINO/iBOT student-teacher pretraining")
     setup_logging()
-    results = Trainer(cfg).fit()
+    results = exit_on_run_error(lambda: Trainer(cfg).fit())
     print(json.dumps(results))
 
 

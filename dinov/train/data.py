@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from dinov.config import DataConfig
+from dinov.data.datasets import UnlabelledImages
 
 
 class SceneImages(Dataset):
@@ -31,14 +32,31 @@ class SceneImages(Dataset):
         return self.images[index]
 
 
+class CountedSkips(Dataset):
+    """Image files as ``(image, skipped)``: ``skipped`` is how many unreadable files were
+    passed over to fill this sample (the reader replaces one by the next readable image).
+
+    The count travels with the batch to the main process: counted in a DataLoader
+    worker's copy of the reader, it would be lost.
+    """
+
+    def __init__(self, images: UnlabelledImages) -> None:
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        used, image = self.images._load_valid(index)
+        return image, (used - index) % len(self.images)
+
+
 def build_pretraining_dataset(cfg: DataConfig) -> Dataset:
     if cfg.kind == "synthetic":
         return SceneImages(cfg.num_samples, cfg.image_size, cfg.seed)
-    from dinov.data.datasets import UnlabelledImages
-
     if cfg.path is None:
         raise ValueError(f"data.path is required for data.kind={cfg.kind}")
-    return UnlabelledImages(cfg.path, cfg.image_size, layout=cfg.kind)
+    return CountedSkips(UnlabelledImages(cfg.path, cfg.image_size, layout=cfg.kind))
 
 
 class ResumableSampler(Sampler[int]):
@@ -66,10 +84,15 @@ class ResumableSampler(Sampler[int]):
 
 
 class BatchStream:
-    """Endless batches (drop_last) with a position that maps to (epoch, sample offset)."""
+    """Endless batches (drop_last) with a position that maps to (epoch, sample offset).
+
+    ``skipped_images`` counts the unreadable files this rank's batches passed over
+    (:class:`CountedSkips`); the trainer logs it and keeps it in checkpoints.
+    """
 
     def __init__(self, dataset: Dataset, cfg: DataConfig, rank: int = 0, world_size: int = 1) -> None:
         self.dataset = dataset
+        self.skipped_images = 0
         self.batch_size = cfg.batch_size
         self.num_workers = cfg.num_workers
         self.sampler = ResumableSampler(len(dataset), cfg.seed, rank, world_size)  # type: ignore[arg-type]
@@ -92,6 +115,9 @@ class BatchStream:
                                 persistent_workers=False, pin_memory=torch.cuda.is_available(),
                                 generator=torch.Generator().manual_seed(self.sampler.seed + epoch))
             for images in loader:
+                if isinstance(images, (list, tuple)):  # CountedSkips: (images, skipped)
+                    images, skipped = images
+                    self.skipped_images += int(skipped.sum())
                 yield images
                 batch += 1
                 if batch % self.batches_per_epoch == 0:

@@ -22,13 +22,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dinov.checkpoint import (
-    latest_checkpoint,
-    load_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
+from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
 from dinov.config import Config, save_config, to_yaml
 from dinov.distributed import (
     all_ranks_finite,
@@ -49,6 +43,14 @@ from dinov.train.data import BatchStream, build_pretraining_dataset
 from dinov.train.meta_arch import SSLMetaArch
 from dinov.train.optim import apply_schedule, build_optimizer
 from dinov.train.probe import OnlineProbe
+from dinov.train.resume import (
+    ResumeError,
+    check_resume_config,
+    newest_readable_checkpoint,
+    read_metrics,
+    remove_stale_temporaries,
+    truncate_metrics,
+)
 from dinov.train.schedules import build_schedules
 from dinov.train.task import MultiCropTaskBuilder, StepHook, Task, TaskBuilder
 
@@ -56,7 +58,7 @@ log = logging.getLogger("dinov.train")
 
 
 class NonFiniteLossError(RuntimeError):
-    """Too many steps had a NaN or infinite loss."""
+    """Too many steps had a NaN or infinite loss (or meta step: any part a hook guards)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -87,8 +89,13 @@ class Trainer:
         probe_here = self.env.is_main or uses_fsdp(cfg.dist)
         self.probe = OnlineProbe(cfg) if cfg.probe.enabled and probe_here else None
         self.step = 0
-        self.nonfinite_steps = 0
+        self.nonfinite_steps = 0  # skipped parts (learner steps, meta steps): one stop rule
+        self.nonfinite_parts: dict[str, int] = {}  # the same count, by what diverged
         self.history: dict[str, Any] = {}
+        # losses of the steps since the last log row: checkpointed, so that the first row
+        # after a resume (and results.json's final_loss) equal an uninterrupted run's
+        self.pending: list[dict[str, torch.Tensor]] = []
+        self._clock: tuple[float, float] = (0.0, time.perf_counter())  # (seconds before, start)
 
     # ----- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -107,7 +114,12 @@ class Trainer:
             "rng": rng_state(),
             "rng_per_rank": gather_objects(rng_state()),  # each rank restores its own stream
             "nonfinite_steps": self.nonfinite_steps,
-            "history": self.history,
+            "nonfinite_parts": dict(self.nonfinite_parts),
+            # each rank's own: the log row averages every rank's pending losses
+            "pending_per_rank": gather_objects([{k: v.cpu() for k, v in p.items()}
+                                                for p in self.pending]),
+            "skipped_per_rank": gather_objects(self.stream.skipped_images),
+            "history": {**self.history, "train_seconds": self.train_seconds()},
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -120,26 +132,44 @@ class Trainer:
         set_rng_state(rank_rng_state(state, self.env))
         self.step = state["step"]
         self.nonfinite_steps = state["nonfinite_steps"]
+        self.nonfinite_parts = dict(state.get("nonfinite_parts", {}))
         self.history = state.get("history", {})
+        self._clock = (self.history.get("train_seconds", 0.0), time.perf_counter())
+        self.pending = self._this_ranks(state, "pending_per_rank", [])
+        self.stream.skipped_images = self._this_ranks(state, "skipped_per_rank", 0)
+
+    def _this_ranks(self, state: dict[str, Any], key: str, default: Any) -> Any:
+        per_rank = state.get(key)
+        if per_rank is not None and len(per_rank) == self.env.world_size:
+            return per_rank[self.env.rank]
+        if per_rank is not None:
+            log.warning("checkpoint written by %d ranks, resumed on %d: its %s are not restored",
+                        len(per_rank), self.env.world_size, key)
+        return default
+
+    def train_seconds(self) -> float:
+        """Wall seconds of training over every process of this run (resumes add up)."""
+        before, start = self._clock
+        return before + time.perf_counter() - start
 
     def _maybe_resume(self) -> None:
+        """Continue from the newest readable checkpoint, once its config is accepted."""
         if not self.cfg.train.resume:
             return
-        path = latest_checkpoint(self.checkpoint_dir)
-        if path is None:
+        found = newest_readable_checkpoint(self.checkpoint_dir)
+        if found is None:
             log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
             return
-        self.load_state_dict(load_checkpoint(path))
-        self._truncate_metrics_after(self.step)
+        path, state = found
+        check_resume_config(state["config"], self.cfg, path)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as error:  # a shape no config key explains
+            first = str(error).strip().splitlines()[0]
+            raise ResumeError(f"cannot resume {path}: its state does not fit this run ({first})") from error
+        if self.env.is_main:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
-
-    def _truncate_metrics_after(self, step: int) -> None:
-        """Drop log lines an interrupted run wrote after its last checkpoint."""
-        path = self.output_dir / "metrics.jsonl"
-        if self.env.is_main and path.exists():
-            kept = [line for line in path.read_text().splitlines()
-                    if line.strip() and json.loads(line)["step"] <= step]
-            path.write_text("".join(line + "\n" for line in kept))
 
     def save(self) -> pathlib.Path | None:
         """Every rank gathers (collectives), rank 0 writes, then all wait for the file."""
@@ -173,7 +203,8 @@ class Trainer:
         losses, targets = self.model(task, sched["teacher_temp"])
         # the one sync per step: needed to skip; agreed by all ranks, or DDP/FSDP would hang
         if not all_ranks_finite(losses["total"]):
-            self._record_nonfinite()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.record_nonfinite("learner loss")
             return None
         losses["total"].backward()
         self._clip_gradients()
@@ -188,14 +219,19 @@ class Trainer:
         for module in self.model.student.values():
             torch.nn.utils.clip_grad_norm_(module.parameters(), self.cfg.optim.clip_grad, foreach=True)
 
-    def _record_nonfinite(self) -> None:
-        self.optimizer.zero_grad(set_to_none=True)
+    def record_nonfinite(self, part: str) -> None:
+        """Count a step whose ``part`` (``learner loss``, a hook's meta step, ...) was not
+        finite and was skipped; more than ``train.max_nonfinite_steps`` stop the run."""
         self.nonfinite_steps += 1
-        log.warning("step %d: non-finite loss, step skipped (%d so far)", self.step, self.nonfinite_steps)
+        self.nonfinite_parts[part] = self.nonfinite_parts.get(part, 0) + 1
+        log.warning("step %d: non-finite %s, skipped (%d skipped so far)", self.step, part,
+                    self.nonfinite_steps)
         if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
+            parts = ", ".join(f"{name}: {n}" for name, n in self.nonfinite_parts.items())
             raise NonFiniteLossError(
-                f"{self.nonfinite_steps} steps had a non-finite loss "
-                f"(train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}); stopping")
+                f"{self.nonfinite_steps} skipped non-finite steps ({parts}) exceed "
+                f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}; stopping "
+                f"at step {self.step}")
 
     # ----- the loop --------------------------------------------------------------------
     def _log(self, row: dict[str, Any]) -> None:
@@ -220,32 +256,48 @@ class Trainer:
         cfg = self.cfg
         if self.env.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            save_config(cfg, self.output_dir / "config.yaml")
+            remove_stale_temporaries(self.checkpoint_dir)
         self._maybe_resume()
+        if self.env.is_main:  # only once the resume is accepted: it must match the checkpoints
+            save_config(cfg, self.output_dir / "config.yaml")
+        finished = self._results_of_finished_run()
+        if finished is not None:
+            return finished
         if self.step == 0 and "probe_init" not in self.history:
             self.history["probe_init"] = self._probe()
         stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
         batches = self.stream.iterate(self.step)
-        pending: list[dict[str, torch.Tensor]] = []
-        started = time.perf_counter()
+        self._clock = (self.history.get("train_seconds", 0.0), time.perf_counter())
         bar = self._progress(self.step, stop)
         for _ in bar:
             losses = self.train_step(next(batches))
             if losses is not None:
-                pending.append(losses)
+                self.pending.append(losses)
             self.step += 1
-            self._after_step(pending, bar)
-        self.history["train_seconds"] = self.history.get("train_seconds", 0.0) + time.perf_counter() - started
+            self._after_step(bar)
+        self.history["train_seconds"] = self.train_seconds()
         if self.step >= cfg.train.steps:
             return self._finish()
         return {"stopped_at_step": self.step}
 
-    def _after_step(self, pending: list[dict[str, torch.Tensor]], bar: Any) -> None:
+    def _results_of_finished_run(self) -> dict[str, Any] | None:
+        """A resumed run that had already finished: its results.json, untouched."""
+        path = self.output_dir / "results.json"
+        if self.step < self.cfg.train.steps or not path.is_file():
+            return None
+        try:
+            results = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            return None  # written partially by an older version: write it again
+        log.info("the run in %s had finished at step %d: results.json kept", self.output_dir, self.step)
+        return results
+
+    def _after_step(self, bar: Any) -> None:
         cfg, step = self.cfg, self.step
         row: dict[str, Any] = {}
         if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-            row = self._loss_row(pending)
-            pending.clear()
+            row = self._loss_row(self.pending)
+            self.pending.clear()
             if isinstance(bar, tqdm):
                 bar.set_postfix(loss=f"{row.get('loss', float('nan')):.4f}")
             elif self.env.is_main and cfg.train.progress != "none":
@@ -259,8 +311,12 @@ class Trainer:
 
     def _loss_row(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
         sched = self.schedules.at(self.step - 1)
+        skipped = float(self.stream.skipped_images)
+        if self.env.world_size > 1:
+            skipped = float(all_reduce_mean(torch.tensor(skipped))) * self.env.world_size
         row: dict[str, Any] = {"lr": sched["lr"], "momentum": sched["momentum"],
-                               "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite_steps}
+                               "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite_steps,
+                               "skipped_images": int(round(skipped))}
         if pending:
             # mean over ranks too (ranks skip steps together, so all have the same rows)
             stacked = {k: all_reduce_mean(torch.stack([p[k] for p in pending]).mean()).item()
@@ -270,23 +326,23 @@ class Trainer:
 
     def _finish(self) -> dict[str, Any]:
         final_probe = self._probe()
-        metrics = self.output_dir / "metrics.jsonl"
         # only rank 0 reads: another rank could see a line rank 0 is still writing
-        rows = [json.loads(line) for line in metrics.read_text().splitlines()
-                if line.strip()] if self.env.is_main and metrics.exists() else []
+        rows = read_metrics(self.output_dir / "metrics.jsonl") if self.env.is_main else []
         losses = [r["loss"] for r in rows if "loss" in r]
         results: dict[str, Any] = {
             "steps": self.step,
             "final_loss": losses[-1] if losses else None,
             "first_logged_loss": losses[0] if losses else None,
             "nonfinite_steps": self.nonfinite_steps,
+            "nonfinite_parts": dict(self.nonfinite_parts),
+            "skipped_images": rows[-1].get("skipped_images", 0) if rows else 0,
             "train_seconds": round(self.history.get("train_seconds", 0.0), 2),
             "probe_top1_init": self.history.get("probe_init", {}).get("probe_top1"),
             "probe_top1_final": final_probe.get("probe_top1"),
             **{k: v for k, v in self.history.get("hooks", {}).items() if not math.isnan(v)},
         }
         if self.env.is_main:
-            (self.output_dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+            atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
             if self.cfg.train.plots:
                 plot_run(self.output_dir)
         return results

@@ -1,0 +1,135 @@
+"""What a resume checks and repairs before a run continues in an existing ``output_dir``.
+
+- :func:`newest_readable_checkpoint`: the newest checkpoint that loads; a truncated or
+  unreadable newer file (disk error, an interrupted copy, a full quota) is skipped with a
+  warning naming it, so an intact older checkpoint is used instead of stopping the run.
+- :func:`check_resume_config`: the checkpoint's saved config against this run's. A
+  checkpoint of the other trainer (``dinov.train`` vs ``designers.train``) or a changed
+  architecture (the schema's ``ARCHITECTURE_KEYS``: backbone, heads, designer kind, ...)
+  is refused with one line naming the keys; other changes are warned about and then
+  used, which is how a run is extended (``train.steps``) or its logging changed.
+- :func:`read_metrics` / :func:`truncate_metrics`: ``metrics.jsonl`` rows, tolerating the
+  torn last line a killed write leaves (skipped with a warning).
+- :func:`remove_stale_temporaries`: partial files of killed checkpoint writes (one
+  checkpoint each: gigabytes at ViT-L scale).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pathlib
+from typing import Any
+
+from omegaconf import OmegaConf
+
+from dinov.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint
+from dinov.config import to_yaml
+
+log = logging.getLogger("dinov.train")
+
+# Keys that differ between a run and its resume by design.
+_EXPECTED_TO_DIFFER = ("output_dir", "train.resume", "train.stop_at_step", "train.progress",
+                       "train.plots")
+
+
+class ResumeError(RuntimeError):
+    """The checkpoint in ``output_dir`` cannot be continued by this run's config."""
+
+
+def newest_readable_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]] | None:
+    """The newest checkpoint in ``directory`` that loads, with its state; None if there is none.
+
+    Raises ResumeError when checkpoints exist but none can be read (starting fresh would
+    overwrite them).
+    """
+    candidates = list_checkpoints(directory)
+    for path in reversed(candidates):
+        try:
+            return path, load_checkpoint(path)
+        except RuntimeError as error:
+            log.warning("skipping unreadable checkpoint %s (%s); trying the one before it",
+                        path, error)
+    if candidates:
+        raise ResumeError(f"none of the {len(candidates)} checkpoints in {directory} can be read "
+                          f"(newest: {candidates[-1].name}); move them away to start fresh")
+    return None
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """Nested config dict -> {"section.key": leaf value} (lists are leaves)."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _is_architecture(key: str, architecture_keys: tuple[str, ...]) -> bool:
+    return any(key == arch or key.startswith(arch + ".") for arch in architecture_keys)
+
+
+def check_resume_config(saved_yaml: str, cfg: Any, path: pathlib.Path) -> None:
+    """Refuse a checkpoint this config cannot continue; warn about other changed keys.
+
+    ``cfg`` is the run's config object; its class's ``ARCHITECTURE_KEYS`` (dotted keys or
+    whole sections) name what the checkpoint's tensors and states are shaped by.
+    """
+    saved = OmegaConf.to_container(OmegaConf.create(saved_yaml))
+    current = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
+    assert isinstance(saved, dict) and isinstance(current, dict)
+    sections = {k for k, v in saved.items() if isinstance(v, dict)}
+    ours = {k for k, v in current.items() if isinstance(v, dict)}
+    if sections != ours:
+        extra, missing = sorted(sections - ours), sorted(ours - sections)
+        raise ResumeError(
+            f"{path} was written by another trainer (its config has sections {extra} that this "
+            f"run lacks and lacks {missing}; designers.train writes designer/value/feedback, "
+            f"dinov.train does not): resume with the entry point that wrote it, or use a new "
+            f"output_dir")
+    before, after = _flatten(saved), _flatten(current)
+    changed = sorted(k for k in before.keys() | after.keys()
+                     if before.get(k) != after.get(k) and k not in _EXPECTED_TO_DIFFER)
+    architecture_keys: tuple[str, ...] = getattr(type(cfg), "ARCHITECTURE_KEYS", ())
+    refused = [k for k in changed if _is_architecture(k, architecture_keys)]
+    if refused:
+        changes = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in refused)
+        raise ResumeError(f"cannot resume {path}: the architecture changed ({changes}); "
+                          f"restore these keys or use a new output_dir")
+    if changed:
+        changes = ", ".join(f"{k}: {before.get(k)!r} -> {after.get(k)!r}" for k in changed)
+        log.warning("resuming %s with a changed config: %s", path, changes)
+
+
+def read_metrics(path: pathlib.Path) -> list[dict[str, Any]]:
+    """The rows of ``metrics.jsonl``; a line that is not JSON (the torn last line of a
+    killed write) is skipped with a warning."""
+    if not path.exists():
+        return []
+    rows = []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is not JSON (a write cut short?): skipped", path, number)
+    return rows
+
+
+def truncate_metrics(path: pathlib.Path, step: int) -> None:
+    """Keep the rows up to ``step``: an interrupted run logged rows after its checkpoint."""
+    if path.exists():
+        kept = [row for row in read_metrics(path) if row["step"] <= step]
+        atomic_write_text(path, "".join(json.dumps(row) + "\n" for row in kept))
+
+
+def remove_stale_temporaries(directory: pathlib.Path) -> None:
+    """Delete the partial files of killed checkpoint writes (``.<name>.<pid>.tmp``)."""
+    if not directory.is_dir():
+        return
+    for stale in directory.glob(".*.tmp"):
+        log.warning("removing %s: a checkpoint write that was cut short", stale)
+        stale.unlink(missing_ok=True)
