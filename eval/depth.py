@@ -60,7 +60,16 @@ from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import NYUDepthDataset, eigen_crop_mask
 from dinov.metrics import DEPTH_METRIC_NAMES, depth_errors, summarize_depth
 from dinov.models import Backbone
-from eval.common import build_eval_backbone, cache_key, extract, normalize, seed_all, write_run
+from eval.common import (
+    build_eval_backbone,
+    cache_key,
+    extract,
+    files_digest,
+    normalize,
+    prepare_output_dir,
+    seed_all,
+    write_run,
+)
 from eval.depth_head import (
     BIN_NORMS,
     HEAD_MODES,
@@ -199,7 +208,7 @@ def check_config(cfg: DepthEvalConfig) -> None:
 
 def parse_args(argv: list[str] | None) -> DepthEvalConfig:
     cfg = parse_config(argv, "NYUv2 depth evaluation of a frozen backbone (linear head).",
-                       schema=DepthEvalConfig, choices=_CHOICES)
+                       schema=DepthEvalConfig)
     try:
         check_config(cfg)
     except ConfigError as error:
@@ -294,12 +303,15 @@ def _loader(dataset: Dataset, cfg: DepthEvalConfig, **kwargs: Any) -> DataLoader
 
 
 def train_cache_file(cfg: DepthEvalConfig, dataset: NYUDepthDataset) -> pathlib.Path | None:
-    """``cache_dir/nyu_train_<key>.pt``; the key covers what the cached tensors depend on."""
+    """``cache_dir/nyu_train_<key>.pt``; the key covers what the cached tensors depend on,
+    every rgb and depth file included."""
     if cfg.data.cache_dir is None:
         return None
+    files = [path for pair in dataset.pairs for path in pair]
     key = cache_key(
         "depth-train-v1", cfg.model, cfg.model.weights, str(split_file(cfg.data, "train_split")),
-        len(dataset), cfg.data.image_size, cfg.data.max_depth, cfg.data.cache_dtype,
+        len(dataset), files_digest(files, dataset.root), cfg.data.image_size, cfg.data.max_depth,
+        cfg.data.cache_dtype,
         {k: getattr(cfg.head, k) for k in ("n_layers", "layer_set", "use_cls", "backbone_norm")},
         cfg.train.flip,
     )
@@ -590,6 +602,7 @@ def build_head(cfg: DepthEvalConfig, in_dim: int, device: torch.device) -> Linea
 
 def run(cfg: DepthEvalConfig) -> dict[str, Any]:
     """The whole evaluation: features, head training, test metrics; writes the outputs."""
+    prepare_output_dir(cfg.output_dir)
     seed_all(cfg.seed)
     device = resolve_device(cfg.device)
     train_set, test_set = open_split(cfg.data, "train_split"), open_split(cfg.data, "test_split")
@@ -622,7 +635,11 @@ def run(cfg: DepthEvalConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_args(argv)
-    results = run(cfg)
+    try:
+        results = run(cfg)  # checks the output_dir before any work
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
     summary = ", ".join(f"{k} {results[k]:.4f}" for k in DEPTH_METRIC_NAMES)
     print(f"depth ({results['num_images']} test images): {summary}")
     print(f"train-mean baseline: rmse {results['baseline_train_mean']['rmse']:.4f}")

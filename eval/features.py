@@ -14,9 +14,9 @@ This module owns:
   patch token when ``features.avgpool``);
 - :func:`load_imagefolder_features`: one batched pass per split through
   :func:`eval.common.extract` (progress bar, optional disk cache keyed on the model,
-  its weights file, the data and the feature options). The backbone is built only when
-  a split is not cached, so re-running an evaluation on cached features never touches
-  the checkpoint.
+  its weights file, the data, every image file and the feature options). The backbone
+  is built only when a split is not cached, so re-running an evaluation on cached
+  features never touches the checkpoint.
 
 Features are computed once on centre crops (no train-time augmentation), which is what
 makes one pass of features enough for a whole grid of linear heads.
@@ -42,7 +42,16 @@ from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import LabelledImageFolder
 from dinov.models import Backbone
-from eval.common import build_eval_backbone, cache_key, extract, normalize
+from eval.common import (
+    build_eval_backbone,
+    cache_key,
+    extract,
+    files_digest,
+    load_cache,
+    normalize,
+    prepare_output_dir,
+    save_cache,
+)
 
 FEATURE_KINDS = ("cls", "cls_avgpool", "n_last_blocks")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -143,14 +152,16 @@ def parse_eval_config(
     argv: list[str] | None, description: str, schema: type,
     check: Callable[[Any], None] | None = None,
 ) -> Any:
-    """:func:`dinov.cli.parse_config`, :func:`check_config` and the CLI's own ``check``
-    (raising ConfigError); a bad value exits with status 2 and one message, before any work.
+    """:func:`dinov.cli.parse_config`, :func:`check_config`, the CLI's own ``check`` (raising
+    ConfigError) and :func:`eval.common.prepare_output_dir`; a bad value or an unwritable
+    ``output_dir`` exits with status 2 and one message, before any work.
     """
     cfg = parse_config(argv, description, schema=schema)
     try:
         check_config(cfg.data, cfg.features)
         if check is not None:
             check(cfg)
+        prepare_output_dir(cfg.output_dir)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
@@ -310,6 +321,7 @@ def split_cache_file(
         str(pathlib.Path(str(data.root)).expanduser().resolve() / split),
         len(dataset),
         dataset.classes,
+        files_digest(dataset.paths, dataset.root),
         _feature_options(features),
     )
     return pathlib.Path(features.cache_dir).expanduser() / f"{split}_{key}.pt"
@@ -326,15 +338,17 @@ def _extract_split(
         images = normalize(batch[0].to(lazy.device, non_blocking=True))
         return {"features": image_features(lazy.get(), images, features), "labels": batch[1]}
 
-    cached = cache_file is not None and cache_file.is_file()
     start = time.perf_counter()
-    out = extract(loader, run, desc=f"{split} features", total=len(loader), cache_file=cache_file)
+    out = load_cache(cache_file)
+    how = f"loaded from {cache_file}"
+    if out is None:
+        out = extract(loader, run, desc=f"{split} features", total=len(loader))
+        save_cache(out, cache_file)
+        how = f"extracted in {time.perf_counter() - start:.1f}s"
     if out["features"].shape[0] != len(dataset):
         raise RuntimeError(
             f"{cache_file}: {out['features'].shape[0]} rows for {len(dataset)} images"
         )
-    elapsed = time.perf_counter() - start
-    how = f"loaded from {cache_file}" if cached else f"extracted in {elapsed:.1f}s"
     print(f"{split}: {len(dataset)} images -> features {tuple(out['features'].shape)} ({how})",
           file=sys.stderr)
     return SplitFeatures(out["features"], out["labels"].long())

@@ -44,6 +44,8 @@ import argparse
 import contextlib
 import dataclasses
 import os
+import pickle
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -51,9 +53,10 @@ import torch
 from torch import Tensor, nn
 
 from dinov import _compat  # noqa: F401  (mmcv/mmseg import torchvision: the shim runs first)
-from dinov.config import ModelConfig
+from dinov.config import ConfigError, ModelConfig
+from dinov.data.datasets import numpy_pickle_globals
 from dinov.models.backbone import TokenState
-from eval.common import build_eval_backbone
+from eval.common import build_eval_backbone, prepare_output_dir
 
 INSTALL_HINT = (
     "the mmsegmentation adapter needs the [mmseg] extra: pip install -e '.[mmseg]' "
@@ -79,6 +82,42 @@ except AssertionError as err:  # mmseg's own version check (e.g. mmcv 2.2 instal
 _MODEL_FIELDS = {f.name for f in dataclasses.fields(ModelConfig)}
 
 
+_HISTORY_STATISTICS = ("min", "max", "current", "mean")
+
+
+def _history_statistic(owner: Any, name: str) -> Any:
+    """``getattr`` as mmengine checkpoints use it, and only so.
+
+    A ``HistoryBuffer`` pickles its statistics methods as ``getattr(HistoryBuffer, "min")``;
+    a general ``getattr`` would let a crafted file reach any attribute of any allowed
+    object (``ndarray.tofile``, ``type.__subclasses__``, ...).
+    """
+    from mmengine.logging import HistoryBuffer
+
+    registered = (*_HISTORY_STATISTICS, *HistoryBuffer._statistics_methods)
+    if owner is not HistoryBuffer or name not in registered:
+        raise pickle.UnpicklingError(
+            f"refusing getattr({owner!r}, {name!r}): only HistoryBuffer statistics "
+            f"{sorted(set(registered))} are allowed"
+        )
+    return getattr(HistoryBuffer, name)
+
+
+def checkpoint_safe_globals() -> list[Any]:
+    """What ``torch.load(weights_only=True)`` must admit besides tensors for mmengine's own
+    checkpoints: the message hub's ``HistoryBuffer`` objects and the numpy arrays, dtypes
+    and scalars they hold (found with ``torch.serialization.get_unsafe_globals_in_checkpoint``
+    on the checkpoints of a training run)."""
+    import numpy as np
+    from mmengine.logging import HistoryBuffer
+
+    # BUILD restores a dtype's state only for allowlisted types: numpy >= 1.20 gives each
+    # dtype its own class (numpy.dtypes.Float64DType, ...).
+    dtype_classes = sorted({type(np.dtype(code)) for code in np.typecodes["All"]}, key=str)
+    numpy_globals = [(obj, path) for path, obj in numpy_pickle_globals().items()]
+    return [HistoryBuffer, *dtype_classes, *numpy_globals, (_history_statistic, "builtins.getattr")]
+
+
 def _install_compat() -> None:
     """Patch what mmengine 0.10.7 gets wrong with current torch; idempotent.
 
@@ -86,28 +125,32 @@ def _install_compat() -> None:
     torch 2.13 and numpy 2.4: model building, training, validation (IoUMetric) and
     checkpoint saving need nothing. One thing does:
 
-    - **Resuming / ``load_from``.** torch >= 2.6 defaults ``torch.load`` to
-      ``weights_only=True``, and mmengine's local checkpoint loader calls it without the
-      argument, so ``--resume`` fails on mmengine's own checkpoints (they pickle
-      ``HistoryBuffer`` objects and numpy arrays of the message hub, which the weights-only
-      unpickler refuses). The local-file loader is re-registered to load full pickles, the
-      behaviour mmengine was written for: resume and ``load_from`` only checkpoints you
-      trust, as with any pickle. Our backbone weights are loaded by :mod:`dinov` with
-      ``weights_only=True`` and are not affected.
+    - **Resuming / ``load_from``.** mmengine's local checkpoint loader calls
+      ``torch.load`` without ``weights_only``: before torch 2.6 that is a full pickle (a
+      crafted checkpoint runs code), from 2.6 on it refuses mmengine's own checkpoints
+      (they pickle ``HistoryBuffer`` objects and numpy arrays of the message hub). The
+      local-file loader is re-registered to load with ``weights_only=True`` and the
+      handful of types those checkpoints hold (:func:`checkpoint_safe_globals`), so
+      resume works and any other global is refused with an error naming the file. The
+      allowlist's ``(callable, name)`` entries need torch >= 2.6.
     """
     from mmengine.runner.checkpoint import CheckpointLoader
 
     loader = CheckpointLoader._schemes.get("")
-    if getattr(loader, "_vpretrain_full_pickle", False):
+    if getattr(loader, "_vpretrain_weights_only", False):
         return
 
     def load_from_local(filename: str, map_location: Any = None) -> Any:
         path = os.path.expanduser(filename)
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path} can not be found.")
-        return torch.load(path, map_location=map_location, weights_only=False)
+        try:
+            with torch.serialization.safe_globals(checkpoint_safe_globals()):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as error:
+            raise pickle.UnpicklingError(f"checkpoint {path} refused: {error}") from None
 
-    load_from_local._vpretrain_full_pickle = True  # type: ignore[attr-defined]
+    load_from_local._vpretrain_weights_only = True  # type: ignore[attr-defined]
     CheckpointLoader.register_scheme(prefixes="", loader=load_from_local, force=True)
 
 
@@ -265,6 +308,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     parser.add_argument("--resume", action="store_true", help="resume from the latest checkpoint")
     args = parser.parse_args(argv)
+    try:
+        prepare_output_dir(args.work_dir, "--work-dir")  # before any work, as every eval CLI
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     cfg = Config.fromfile(args.config)
     cfg.merge_from_dict(args.cfg_options)
     cfg.work_dir = args.work_dir

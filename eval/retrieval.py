@@ -56,7 +56,18 @@ from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import RevisitedRetrievalDataset
 from dinov.metrics import RetrievalMetrics, revisited_map, similarity_ranks
 from dinov.models import Backbone
-from eval.common import build_eval_backbone, cache_key, extract, normalize, seed_all, write_run
+from eval.common import (
+    build_eval_backbone,
+    cache_key,
+    extract,
+    files_digest,
+    load_cache,
+    normalize,
+    prepare_output_dir,
+    save_cache,
+    seed_all,
+    write_run,
+)
 
 POOLINGS = ("cls", "gem")
 PRECISIONS = ("fp32", "bf16")
@@ -180,7 +191,7 @@ class RetrievalImages(Dataset):
     def estimated_shape(self, index: int) -> tuple[int, int]:
         """The resized shape, from the file header (and ``bbx``) without decoding pixels."""
         names = self.dataset.qimlist if self.split == "query" else self.dataset.imlist
-        with Image.open(self.dataset.root / "jpg" / f"{names[index]}.jpg") as img:
+        with Image.open(self.dataset.image_path(names[index])) as img:
             width, height = img.size
         if self.split == "query":
             x1, y1, x2, y2 = (round(float(v)) for v in self.dataset.gnd[index]["bbx"])
@@ -275,12 +286,15 @@ def _describe_batch_fn(cfg: RetrievalConfig, get_backbone: Callable[[], Backbone
 
 def feature_cache_file(cfg: RetrievalConfig, dataset: RevisitedRetrievalDataset,
                        split: str) -> pathlib.Path:
-    """Cache path keyed by the weights file, model, data, image size and descriptor settings."""
+    """Cache path keyed by the weights file, model, data (the ground-truth file and every
+    image of the split), image size and descriptor settings."""
     gnd_file = dataset.root / f"gnd_{dataset.dataset}.pkl"
+    names = dataset.qimlist if split == "query" else dataset.imlist
+    images = files_digest([dataset.image_path(name) for name in names], dataset.root)
     key = cache_key(_CACHE_VERSION, split, cfg.model, cfg.model.weights,
-                    str(dataset.root.resolve()), gnd_file, cfg.data.image_size, cfg.data.upscale,
-                    cfg.features.pooling, cfg.features.gem_p, list(cfg.features.multiscale),
-                    cfg.precision)
+                    str(dataset.root.resolve()), gnd_file, images, cfg.data.image_size,
+                    cfg.data.upscale, cfg.features.pooling, cfg.features.gem_p,
+                    list(cfg.features.multiscale), cfg.precision)
     cache_dir = cfg.features.cache_dir or str(pathlib.Path(cfg.output_dir) / "feature_cache")
     return pathlib.Path(cache_dir) / f"{dataset.dataset}_{split}_{key}.pt"
 
@@ -289,9 +303,10 @@ def compute_features(cfg: RetrievalConfig, dataset: RevisitedRetrievalDataset, s
                      get_backbone: Callable[[], Backbone], device: torch.device) -> Tensor:
     """L2-normalised descriptors of one split, (n, D) in dataset order; cached if enabled."""
     cache = feature_cache_file(cfg, dataset, split) if cfg.features.cache_features else None
-    if cache is not None and cache.is_file():
+    cached = load_cache(cache)
+    if cached is not None:
         print(f"retrieval: reusing cached {split} features {cache}", file=sys.stderr)
-        return torch.load(cache, map_location="cpu", weights_only=True)["features"]
+        return cached["features"]
     images = RetrievalImages(dataset, split, cfg.data.image_size, cfg.data.upscale)
     batches = shape_buckets(images, cfg.data.batch_size)
     loader = DataLoader(images, batch_sampler=batches, num_workers=cfg.data.num_workers,
@@ -301,9 +316,7 @@ def compute_features(cfg: RetrievalConfig, dataset: RevisitedRetrievalDataset, s
     # Buckets reorder images; put the descriptors back in dataset order.
     features = torch.empty_like(out["features"])
     features[out["index"]] = out["features"]
-    if cache is not None:
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({"features": features}, cache)
+    save_cache({"features": features}, cache)
     return features
 
 
@@ -311,10 +324,10 @@ def compute_features(cfg: RetrievalConfig, dataset: RevisitedRetrievalDataset, s
 def medium_roles(gnd_entry: dict, n_db: int) -> list[str]:
     """``positive``/``negative``/``junk`` for every database image under the Medium protocol."""
     roles = ["negative"] * n_db
-    for i in gnd_entry.get("junk", []):
+    for i in gnd_entry["junk"]:
         roles[int(i)] = "junk"
     for key in ("easy", "hard"):
-        for i in gnd_entry.get(key, []):
+        for i in gnd_entry[key]:
             roles[int(i)] = "positive"
     return roles
 
@@ -373,7 +386,7 @@ def summarize(metrics: RetrievalMetrics, dataset: RevisitedRetrievalDataset,
               cfg: RetrievalConfig, feature_dim: int) -> dict[str, Any]:
     """The ``results.json`` content: mAP and mP@k per protocol plus what was evaluated."""
     def count(keys: tuple[str, ...]) -> int:
-        return sum(1 for g in dataset.gnd if sum(len(g.get(k, [])) for k in keys) > 0)
+        return sum(1 for g in dataset.gnd if sum(len(g[k]) for k in keys) > 0)
 
     # Queries with at least one positive under each protocol (the others are not scored).
     evaluated = {"easy": count(("easy",)), "medium": count(("easy", "hard")),
@@ -397,6 +410,7 @@ def summarize(metrics: RetrievalMetrics, dataset: RevisitedRetrievalDataset,
 def run(cfg: RetrievalConfig) -> dict[str, Any]:
     """Extract (or load) features, rank, score, plot and write the run; returns the results."""
     validate(cfg)
+    out = prepare_output_dir(cfg.output_dir)
     seed_all(cfg.seed)  # makes model.weights=null (random init) reproducible
     # Read the ground truth first: a missing pickle fails before any model is built.
     dataset = RevisitedRetrievalDataset(cfg.data.root, cfg.data.dataset, image_size=None)
@@ -408,8 +422,6 @@ def run(cfg: RetrievalConfig) -> dict[str, Any]:
     ranks = similarity_ranks(query, database)
     metrics = revisited_map(ranks, dataset.gnd, ks=cfg.ks)
     results = summarize(metrics, dataset, cfg, query.shape[1])
-    out = pathlib.Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     plot = plot_topk(dataset, ranks, cfg.plot, out / "retrieval_topk.png")
     results["plot"] = plot.name if plot is not None else None
     write_run(out, cfg, results)
@@ -428,11 +440,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(argv, "Revisited Oxford/Paris retrieval (mAP E/M/H) of a frozen backbone",
                        schema=RetrievalConfig)
     try:
-        validate(cfg)
+        results = run(cfg)  # validates the config and the output_dir before any work
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    results = run(cfg)
     print(format_summary(results))
     print(f"wrote {pathlib.Path(cfg.output_dir) / 'results.json'}")
     return results

@@ -59,7 +59,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from dinov.cli import parse_config
@@ -71,6 +71,8 @@ from eval.common import (
     build_eval_backbone,
     cache_key,
     extract,
+    files_digest,
+    prepare_output_dir,
     resolve_model_config,
     seed_all,
     write_run,
@@ -168,10 +170,6 @@ def validate(cfg: SegmentationEvalConfig) -> None:
 
 
 # ----------------------------------------------------------------------------- data
-
-
-def _limit(dataset: ADE20KDataset, n: int | None) -> Dataset:
-    return Subset(dataset, range(min(n, len(dataset)))) if n is not None else dataset
 
 
 def _resize_short(images: Tensor, short: int) -> Tensor:
@@ -319,16 +317,23 @@ def train_head(head: LinearBNSegHead, batches: Iterator[tuple[Tensor, Tensor]],
     return loss_value
 
 
-def cached_train_features(dataset: Dataset, feature_fn: FeatureFn,
+def train_cache_file(cfg: SegmentationEvalConfig, dataset: ADE20KDataset) -> pathlib.Path | None:
+    """``cache_dir/seg_train_<key>.pt``; the key covers what the cached tensors depend on,
+    every image and annotation file included."""
+    if not cfg.cache_features:
+        return None
+    key = cache_key("seg-train-v1", resolve_model_config(cfg.model), cfg.model.weights,
+                    str(pathlib.Path(str(cfg.data.root)).resolve()), cfg.data.train_split,
+                    cfg.data.image_size, cfg.data.max_train_images, cfg.head.n_last_blocks,
+                    files_digest(dataset.images + dataset.labels, dataset.root))
+    cache_dir = pathlib.Path(cfg.cache_dir or pathlib.Path(cfg.output_dir) / "feature_cache")
+    return cache_dir / f"seg_train_{key}.pt"
+
+
+def cached_train_features(dataset: ADE20KDataset, feature_fn: FeatureFn,
                           cfg: SegmentationEvalConfig, device: torch.device) -> dict[str, Tensor]:
     """Patch features + labels of every (resized, centre-cropped) training image, cached."""
-    cache_file = None
-    if cfg.cache_features:
-        key = cache_key("seg-train-v1", resolve_model_config(cfg.model), cfg.model.weights,
-                        str(pathlib.Path(cfg.data.root).resolve()), cfg.data.train_split,
-                        cfg.data.image_size, cfg.data.max_train_images, cfg.head.n_last_blocks)
-        cache_dir = pathlib.Path(cfg.cache_dir or pathlib.Path(cfg.output_dir) / "feature_cache")
-        cache_file = cache_dir / f"seg_train_{key}.pt"
+    cache_file = train_cache_file(cfg, dataset)
     loader = DataLoader(dataset, batch_size=cfg.inference.batch_size,
                         num_workers=cfg.data.num_workers)
 
@@ -506,18 +511,25 @@ def _json_float(value: float) -> float | None:
     return None if math.isnan(value) else value
 
 
-def _datasets(cfg: SegmentationEvalConfig) -> tuple[Dataset, Dataset]:
-    """Train (full images, or resized + centre-cropped for cached features) and val sets."""
+def _datasets(cfg: SegmentationEvalConfig) -> tuple[ADE20KDataset, ADE20KDataset]:
+    """Train (full images, or resized + centre-cropped for cached features) and val sets.
+
+    Opening them checks every annotation against ``data.num_classes``.
+    """
     root = pathlib.Path(cfg.data.root or "")
     if not root.exists():
         raise FileNotFoundError(f"data.root: ADE20K dataset folder not found: {root}")
     train_size = None if cfg.train.augment else cfg.data.image_size
-    train = ADE20KDataset(root, cfg.data.train_split, image_size=train_size)
-    val = ADE20KDataset(root, cfg.data.val_split, image_size=None)  # labels at full resolution
-    return _limit(train, cfg.data.max_train_images), _limit(val, cfg.data.max_val_images)
+    data = cfg.data
+    train = ADE20KDataset(root, data.train_split, image_size=train_size,
+                          num_classes=data.num_classes, max_images=data.max_train_images)
+    # Labels at full resolution for evaluation.
+    val = ADE20KDataset(root, data.val_split, image_size=None, num_classes=data.num_classes,
+                        max_images=data.max_val_images)
+    return train, val
 
 
-def _train_batches(train_set: Dataset, feature_fn: FeatureFn, cfg: SegmentationEvalConfig,
+def _train_batches(train_set: ADE20KDataset, feature_fn: FeatureFn, cfg: SegmentationEvalConfig,
                    device: torch.device) -> Iterator[tuple[Tensor, Tensor]]:
     if cfg.train.augment:
         return augmented_batches(train_set, feature_fn, cfg, device)
@@ -538,9 +550,8 @@ def _write_plots(out: pathlib.Path, metrics: Any, examples: list, num_classes: i
 def run(cfg: SegmentationEvalConfig) -> dict[str, Any]:
     """Train the head, evaluate, write every output; returns the results dict."""
     validate(cfg)
+    out = prepare_output_dir(cfg.output_dir)
     seed_all(cfg.train.seed)
-    out = pathlib.Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
     train_set, val_set = _datasets(cfg)  # before the backbone: a bad root fails fast
     device = _device(cfg.device)
     backbone = build_eval_backbone(cfg.model, device)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import pickle
 import shutil
 import warnings
 
@@ -19,6 +18,7 @@ from dinov.data.datasets import (
     RevisitedRetrievalDataset,
     UnlabelledImages,
     eigen_crop_mask,
+    load_ground_truth,
     load_image,
     resize_center_crop,
 )
@@ -229,8 +229,7 @@ def test_eigen_crop_mask():
 
 
 def test_roxford_ground_truth_structure(data):
-    with open(data / "roxford" / "gnd_roxford5k.pkl", "rb") as f:
-        meta = pickle.load(f)
+    meta = load_ground_truth(data / "roxford" / "gnd_roxford5k.pkl")
     assert set(meta) == {"imlist", "qimlist", "gnd"}
     assert len(meta["imlist"]) == 30 and len(meta["gnd"]) == len(meta["qimlist"]) == 4
     all_positive: set[int] = set()

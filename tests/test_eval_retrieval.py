@@ -21,7 +21,7 @@ from PIL import Image
 
 import eval.retrieval as retrieval
 from dinov.config import ModelConfig
-from dinov.data.datasets import RevisitedRetrievalDataset
+from dinov.data.datasets import RevisitedRetrievalDataset, load_ground_truth
 from dinov.data.synthetic import write_layout
 from dinov.metrics import revisited_map, similarity_ranks
 from dinov.models import Backbone, build_backbone
@@ -196,7 +196,7 @@ def test_gem_p1_is_average_pooling_and_p3_is_radenovic_gem():
 def test_query_is_cropped_to_bbx(roxford, tmp_path):
     root = tmp_path / "crop"
     (root / "jpg").mkdir(parents=True)
-    meta = pickle.loads((roxford / "gnd_roxford5k.pkl").read_bytes())
+    meta = load_ground_truth(roxford / "gnd_roxford5k.pkl")
     for name in meta["imlist"] + meta["qimlist"]:
         (root / "jpg" / f"{name}.jpg").write_bytes((roxford / "jpg" / f"{name}.jpg").read_bytes())
     # Query 0: a black image that is white exactly inside x 10..30, y 6..22.

@@ -12,11 +12,17 @@ dataset class per layout:
 
 Nothing here downloads data. Images come back as float32 tensors in [0, 1], (3, H, W).
 
-Unreadable files: the unlabelled/ImageFolder readers (pretraining, probes) skip a corrupt
-image with a warning and return the next readable one, counting skips in
-``num_skipped`` (per process: each DataLoader worker keeps its own count). The
-evaluation readers (ADE20K, NYUv2, retrieval) raise instead, naming the file, because
-silently dropping an evaluation image would change the reported metric.
+Unreadable files: the pretraining reader (``UnlabelledImages``) skips a corrupt image with
+a warning and returns the next readable one, counting skips in ``num_skipped`` (per
+process: each DataLoader worker keeps its own count). The evaluation readers
+(``LabelledImageFolder``, ADE20K, NYUv2, retrieval) raise instead, naming the file,
+because a replaced or dropped evaluation image would change the reported metric.
+
+The dense-task readers check what they can when they are opened, so that a bad file
+fails before any feature is extracted or head trained: every file a split lists exists,
+and ADE20K annotation values lie in 0..num_classes. Ground-truth pickles of the
+retrieval datasets are read with an unpickler that admits only plain data and numpy
+arrays (:func:`load_ground_truth`): a crafted file cannot run code.
 """
 
 from __future__ import annotations
@@ -25,7 +31,9 @@ import os
 import pickle
 import warnings
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -43,25 +51,37 @@ EIGEN_CROP_480x640 = (45, 471, 41, 601)
 # --------------------------------------------------------------------------- decoding
 
 
-def load_image(path: str | Path) -> Tensor | None:
-    """RGB image as float32 (3, H, W) in [0, 1]; None (with a warning) if unreadable."""
-    try:
-        with Image.open(path) as img:
-            img.load()  # decode now, so truncated files fail here rather than later
-            rgb = img.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
-        return None
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+
+
+def _decode_rgb(path: str | Path) -> Tensor:
+    """RGB image as float32 (3, H, W) in [0, 1]; raises one of ``_DECODE_ERRORS``."""
+    with Image.open(path) as img:
+        img.load()  # decode now, so truncated files fail here rather than later
+        rgb = img.convert("RGB")
     return torch.from_numpy(np.asarray(rgb).copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+def load_image(path: str | Path) -> Tensor | None:
+    """RGB image as float32 (3, H, W) in [0, 1]; None (with a warning) if unreadable."""
+    try:
+        return _decode_rgb(path)
+    except _DECODE_ERRORS as e:
+        warnings.warn(f"skipping unreadable image {path}: {e}", stacklevel=2)
+        return None
+
+
 def _load_image_or_raise(path: Path) -> Tensor:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        image = load_image(path)
-    if image is None:
-        raise RuntimeError(f"cannot read evaluation image {path} (missing or corrupt file)")
-    return image
+    try:
+        return _decode_rgb(path)
+    except _DECODE_ERRORS as e:
+        raise RuntimeError(f"cannot read evaluation image {path} (missing or corrupt): {e}") from e
+
+
+_ONE_CHANNEL_MODES = ("L", "P", "I", "I;16", "I;16B", "I;16L")
+# Threads for the checks run when a split is opened: decoding releases the GIL, and file
+# reads on network storage overlap, so a few more threads than cores still help.
+_CHECK_THREADS = 8
 
 
 def _load_array(path: Path, what: str) -> np.ndarray:
@@ -69,7 +89,7 @@ def _load_array(path: Path, what: str) -> np.ndarray:
     try:
         with Image.open(path) as img:
             img.load()
-            if img.mode not in ("L", "P", "I", "I;16", "I;16B", "I;16L"):
+            if img.mode not in _ONE_CHANNEL_MODES:
                 raise ValueError(f"{what} {path} has mode {img.mode}; expected a 1-channel PNG")
             return np.array(img)
     except OSError as e:
@@ -166,6 +186,13 @@ def _file_list(list_file: Path) -> list[Path]:
 # --------------------------------------------------------------------------- pretraining
 
 
+def _prepare(image: Tensor, image_size: int | None, transform: Callable | None) -> Tensor:
+    """The optional centre crop to ``image_size``, then the optional transform."""
+    if image_size is not None:
+        image = resize_center_crop(image, image_size)
+    return transform(image) if transform else image
+
+
 class _SkippingImages(Dataset):
     """Base for readers that skip unreadable images (see the module docstring)."""
 
@@ -190,9 +217,7 @@ class _SkippingImages(Dataset):
                 continue
             image = load_image(self.paths[i])
             if image is not None:
-                if self.image_size is not None:
-                    image = resize_center_crop(image, self.image_size)
-                return i, self.transform(image) if self.transform else image
+                return i, _prepare(image, self.image_size, self.transform)
             self._bad.add(i)  # warn and count each bad file once
             self.num_skipped += 1
         raise RuntimeError(f"none of the {n} images (first: {self.paths[0]}) could be read")
@@ -242,13 +267,13 @@ class UnlabelledImages(_SkippingImages):
         return self._load_valid(index)[1]
 
 
-class LabelledImageFolder(_SkippingImages):
+class LabelledImageFolder(Dataset):
     """ImageFolder tree ``root/<class>/<image>`` -> (image (3, S, S), class index).
 
     Classes are the sorted folder names, as in torchvision; pass ``classes`` (e.g. the
     train split's ``.classes``) to index another split the same way even when it lacks
-    some classes. A skipped corrupt image is replaced by the next readable image *and*
-    its label.
+    some classes. An unreadable image is an error naming the file: these are the
+    linear / kNN evaluation splits, where a substitute would change the metric.
     """
 
     def __init__(
@@ -258,13 +283,19 @@ class LabelledImageFolder(_SkippingImages):
         classes: Sequence[str] | None = None,
         transform: Callable[[Tensor], Tensor] | None = None,
     ):
-        self.classes, samples = _image_folder_samples(Path(root), classes)
+        self.root = Path(root)
+        self.classes, samples = _image_folder_samples(self.root, classes)
+        self.paths = [path for path, _ in samples]
         self.targets = [label for _, label in samples]
-        super().__init__([p for p, _ in samples], image_size, transform)
+        self.image_size = image_size
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        i, image = self._load_valid(index)
-        return image, self.targets[i]
+        image = _load_image_or_raise(self.paths[index])
+        return _prepare(image, self.image_size, self.transform), self.targets[index]
 
 
 # --------------------------------------------------------------------------- dense tasks
@@ -289,22 +320,58 @@ def _ade_label(png: np.ndarray) -> Tensor:
     return label
 
 
-class ADE20KDataset(Dataset):
-    """ADE20K scene parsing: (image (3, H, W), label int64 (H, W) in 0..149 or 255)."""
+def _annotation_max(path: Path) -> int:
+    """Largest value in an ADE20K annotation PNG (decodes it, no copy kept)."""
+    try:
+        with Image.open(path) as img:
+            if img.mode not in _ONE_CHANNEL_MODES:
+                raise ValueError(
+                    f"ADE20K annotation {path} has mode {img.mode}; expected a 1-channel PNG"
+                )
+            return int(np.asarray(img).max())
+    except OSError as e:
+        raise RuntimeError(f"cannot read ADE20K annotation {path}: {e}") from e
 
-    def __init__(self, root: str | Path, split: str, image_size: int | None = None):
+
+def check_ade_labels(labels: Sequence[Path], num_classes: int) -> None:
+    """Every annotation holds only 0 (ignore) .. ``num_classes``; else an error naming it.
+
+    A value above ``num_classes`` would otherwise surface mid-training as an index error
+    inside the loss. Cost (2 CPU cores, files in the page cache): about 0.5 s per 1,000
+    ADE-sized (512x683) annotations, so some 10 s for the 20,210 of the training split.
+    """
+    with ThreadPoolExecutor(_CHECK_THREADS) as pool:
+        for path, value in zip(labels, pool.map(_annotation_max, labels), strict=True):
+            if value > num_classes:
+                raise ValueError(
+                    f"ADE20K annotation {path} has value {value}; allowed are 0 (ignore) and "
+                    f"1..{num_classes} (the classes)"
+                )
+
+
+class ADE20KDataset(Dataset):
+    """ADE20K scene parsing: (image (3, H, W), label int64 (H, W) in 0..num_classes-1 or 255).
+
+    Opening a split checks every annotation (see :func:`check_ade_labels`); ``max_images``
+    keeps the first images only (sorted), and only those are checked.
+    """
+
+    def __init__(self, root: str | Path, split: str, image_size: int | None = None,
+                 num_classes: int = 150, max_images: int | None = None):
         if split not in _ADE_SPLITS:
             raise ValueError(f"ADE20K split must be one of {_ADE_SPLITS}, got {split!r}")
         base = _ade_base(Path(root))
         image_dir, label_dir = base / "images" / split, base / "annotations" / split
         _require_dir(image_dir, _ADE_EXPECTED)
-        self.images = sorted(p for p in image_dir.iterdir() if _is_image(p))
+        self.root = base
+        self.images = sorted(p for p in image_dir.iterdir() if _is_image(p))[:max_images]
         if not self.images:
             raise FileNotFoundError(f"no images in {image_dir}; expected {_ADE_EXPECTED}")
         self.labels = [label_dir / f"{p.stem}.png" for p in self.images]
         for image, label in zip(self.images, self.labels, strict=True):
             if not label.is_file():
                 raise FileNotFoundError(f"ADE20K image {image} has no annotation {label}")
+        check_ade_labels(self.labels, num_classes)
         self.image_size = image_size
 
     def __len__(self) -> int:
@@ -333,7 +400,11 @@ def _resolve(path_text: str, root: Path) -> Path:
 
 
 def _parse_split_file(split_file: Path, root: Path) -> list[tuple[Path, Path]]:
-    """Lines ``rgb_path depth_path [focal]``; blank lines and ``#`` comments are skipped."""
+    """Lines ``rgb_path depth_path [focal]``; blank lines and ``#`` comments are skipped.
+
+    Every listed file must exist, so that a missing test file fails when the split is
+    opened rather than after the head has trained.
+    """
     if not split_file.is_file():
         raise FileNotFoundError(
             f"NYUv2 split file {split_file} does not exist; expected lines 'rgb_path depth_path'"
@@ -347,7 +418,11 @@ def _parse_split_file(split_file: Path, root: Path) -> list[tuple[Path, Path]]:
             raise ValueError(
                 f"{split_file}:{number}: expected 'rgb_path depth_path', got {line.strip()!r}"
             )
-        pairs.append((_resolve(fields[0], root), _resolve(fields[1], root)))
+        pair = (_resolve(fields[0], root), _resolve(fields[1], root))
+        for what, path in zip(("rgb image", "depth map"), pair, strict=True):
+            if not path.is_file():
+                raise FileNotFoundError(f"{split_file}:{number}: {what} {path} does not exist")
+        pairs.append(pair)
     if not pairs:
         raise ValueError(f"{split_file} lists no 'rgb_path depth_path' pairs")
     return pairs
@@ -411,7 +486,66 @@ def eigen_crop_mask(h: int, w: int) -> Tensor:
 _RETRIEVAL_DATASETS = ("roxford5k", "rparis6k")
 
 
-def _check_gnd(meta: dict, path: Path) -> None:
+def _latin1_bytes(text: str, encoding: str = "latin1") -> bytes:
+    """What ``_codecs.encode`` does for bytes in protocol-2 pickles, and nothing else."""
+    if encoding != "latin1":
+        raise pickle.UnpicklingError(f"_codecs.encode with encoding {encoding!r}")
+    return text.encode("latin1")
+
+
+def numpy_pickle_globals() -> dict[str, Any]:
+    """``module.name`` -> object for every global a pickle of plain data needs besides
+    builtin containers: numpy arrays, dtypes and scalars (protocols 2 to 5) and protocol-2
+    bytes. Both numpy 1 (``numpy.core``) and numpy 2 (``numpy._core``) names resolve to
+    the installed numpy's own functions.
+    """
+    try:
+        from numpy._core import multiarray, numeric  # numpy >= 2
+    except ImportError:  # numpy 1.x
+        from numpy.core import multiarray, numeric
+    allowed: dict[str, Any] = {"numpy.ndarray": np.ndarray, "numpy.dtype": np.dtype,
+                               "_codecs.encode": _latin1_bytes}
+    for package in ("numpy.core", "numpy._core"):
+        allowed[f"{package}.multiarray._reconstruct"] = multiarray._reconstruct
+        allowed[f"{package}.multiarray.scalar"] = multiarray.scalar
+        allowed[f"{package}.numeric._frombuffer"] = numeric._frombuffer
+    return allowed
+
+
+class _GroundTruthUnpickler(pickle.Unpickler):
+    """Admits plain data (dicts, lists, tuples, numbers, strings, bytes) and numpy arrays.
+
+    A pickle can name any importable callable and call it while loading; these files are
+    data, so every global but :func:`numpy_pickle_globals` (``os.system``,
+    ``builtins.exec``, ...) is refused and the payload never runs.
+    """
+
+    def __init__(self, file: Any, path: Path) -> None:
+        super().__init__(file)
+        self.path = path
+        self.allowed = numpy_pickle_globals()
+
+    def find_class(self, module: str, name: str) -> Any:
+        found = self.allowed.get(f"{module}.{name}")
+        if found is None:
+            raise pickle.UnpicklingError(
+                f"{self.path}: refusing to load global {module}.{name}; a ground-truth file "
+                "holds only dicts, lists, numbers, strings and numpy arrays"
+            )
+        return found
+
+
+def load_ground_truth(path: str | Path) -> Any:
+    """Unpickle a revisited ``gnd_*.pkl`` without running code (see the unpickler above)."""
+    path = Path(path)
+    with open(path, "rb") as f:
+        return _GroundTruthUnpickler(f, path).load()
+
+
+def _check_gnd(meta: Any, path: Path) -> None:
+    if not isinstance(meta, dict):
+        raise ValueError(f"{path} holds a {type(meta).__name__}; expected a dict with "
+                         "imlist, qimlist, gnd")
     for key in ("imlist", "qimlist", "gnd"):
         if key not in meta:
             raise ValueError(f"{path} has no {key!r} entry; expected imlist, qimlist, gnd")
@@ -421,19 +555,28 @@ def _check_gnd(meta: dict, path: Path) -> None:
         )
     n = len(meta["imlist"])
     for q, entry in enumerate(meta["gnd"]):
+        query = f"query {q} ({meta['qimlist'][q]})"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: {query} gnd entry is a {type(entry).__name__}, not a dict")
         for key in ("easy", "hard", "junk"):
-            bad = [i for i in entry.get(key, []) if not 0 <= int(i) < n]
+            # An absent list is not an empty one: taking it as empty would change the mAP.
+            if key not in entry:
+                raise ValueError(f"{path}: {query} has no {key!r} list; expected "
+                                 "'easy', 'hard', 'junk' (each may be empty) and 'bbx'")
+            bad = [i for i in entry[key] if not 0 <= int(i) < n]
             if bad:
-                raise ValueError(f"{path}: query {q} {key} indices {bad} outside 0..{n - 1}")
+                raise ValueError(f"{path}: {query} {key} indices {bad} outside 0..{n - 1}")
         if "bbx" not in entry or len(entry["bbx"]) != 4:
-            raise ValueError(f"{path}: query {q} has no [x1, y1, x2, y2] 'bbx'")
+            raise ValueError(f"{path}: {query} has no [x1, y1, x2, y2] 'bbx'")
 
 
 class RevisitedRetrievalDataset:
     """Revisited Oxford / Paris: ``root/jpg/<name>.jpg`` and ``root/gnd_<dataset>.pkl``.
 
     ``root`` may also be the parent holding ``<dataset>/`` (the cirtorch layout).
-    ``image_size`` resizes the *longer* side, as retrieval pipelines do.
+    ``image_size`` resizes the *longer* side, as retrieval pipelines do. Opening checks the
+    ground truth (every query has ``easy``, ``hard``, ``junk`` and ``bbx``) and that every
+    listed image exists.
     """
 
     def __init__(self, root: str | Path, dataset: str = "roxford5k", image_size: int | None = None):
@@ -447,15 +590,21 @@ class RevisitedRetrievalDataset:
             raise FileNotFoundError(
                 f"no {gnd_path}; expected {root}/jpg/<name>.jpg and {root}/gnd_{dataset}.pkl"
             )
-        with open(gnd_path, "rb") as f:
-            meta = pickle.load(f)
+        meta = load_ground_truth(gnd_path)
         _check_gnd(meta, gnd_path)
         self.root, self.dataset, self.image_size = root, dataset, image_size
         self.imlist: list[str] = list(meta["imlist"])
         self.qimlist: list[str] = list(meta["qimlist"])
         self.gnd: list[dict] = list(meta["gnd"])
+        missing = [str(p) for p in map(self.image_path, self.imlist + self.qimlist)
+                   if not p.is_file()]
+        if missing:
+            raise FileNotFoundError(
+                f"{gnd_path} lists {len(missing)} images that do not exist: {missing[:5]}"
+            )
 
-    def _path(self, name: str) -> Path:
+    def image_path(self, name: str) -> Path:
+        """``root/jpg/<name>.jpg`` for a name of ``imlist`` or ``qimlist``."""
         return self.root / "jpg" / f"{name}.jpg"
 
     def _finish(self, image: Tensor) -> Tensor:
@@ -466,11 +615,11 @@ class RevisitedRetrievalDataset:
         )
 
     def database_image(self, i: int) -> Tensor:
-        return self._finish(_load_image_or_raise(self._path(self.imlist[i])))
+        return self._finish(_load_image_or_raise(self.image_path(self.imlist[i])))
 
     def query_image(self, i: int, crop: bool = True) -> Tensor:
         """Query ``i``, cropped to its ``bbx`` as the revisited protocol does (PIL rounding)."""
-        image = _load_image_or_raise(self._path(self.qimlist[i]))
+        image = _load_image_or_raise(self.image_path(self.qimlist[i]))
         if crop:
             h, w = image.shape[-2:]
             x1, y1, x2, y2 = (round(float(v)) for v in self.gnd[i]["bbx"])
