@@ -15,15 +15,14 @@ T = TypeVar("T")
 
 
 def parse_config(argv: list[str] | None, description: str,
-                 schema: type[ConfigT] = Config,  # type: ignore[assignment]
-                 choices: dict[str, tuple[str, ...]] | None = None) -> ConfigT:
+                 schema: type[ConfigT] = Config) -> ConfigT:  # type: ignore[assignment]
     """Parse ``--config FILE`` plus ``key=value`` overrides; exit 2 with one message on error."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--config", default=None, help="YAML config file (schema defaults otherwise)")
     parser.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. optim.lr=1e-4")
     args = parser.parse_args(argv)
     try:
-        return load_config(args.config, args.overrides, schema=schema, choices=choices)
+        return load_config(args.config, args.overrides, schema=schema)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None

@@ -28,6 +28,12 @@ class ConfigError(ValueError):
     """A config key is unknown or its value has the wrong type or range."""
 
 
+def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
+    if value not in allowed:
+        raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
 def check_range(key: str, value: float | int, low: float | None = None,
                 high: float | None = None, low_open: bool = False, high_open: bool = False) -> None:
     """Raise ConfigError naming ``key`` unless ``value`` lies in the given interval."""
@@ -64,6 +70,7 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("data.kind", self.kind, ("synthetic", "imagefolder", "folder"))
         check_range("data.image_size", self.image_size, 1)
         check_range("data.num_samples", self.num_samples, 1)
         check_range("data.batch_size", self.batch_size, 1)
@@ -164,6 +171,11 @@ class ModelConfig:
     pos_interp: str = "auto"
 
     def __post_init__(self) -> None:
+        check_choice("model.weights_format", self.weights_format,
+                     ("auto", "dinov2", "dinov3", "timm", "ours"))
+        check_choice("model.weights_key", self.weights_key, ("teacher", "student"))
+        check_choice("model.attention", self.attention, ("sdpa", "xformers"))
+        check_choice("model.pos_interp", self.pos_interp, ("auto", "dinov2", "dinov2_reg", "timm"))
         check_range("model.img_size", self.img_size, 1)
         for key in ("patch_size", "embed_dim", "depth", "num_heads"):
             if getattr(self, key) is not None:
@@ -205,6 +217,7 @@ class LossConfig:
     warmup_teacher_temp_steps: int = 0
 
     def __post_init__(self) -> None:
+        check_choice("loss.centering", self.centering, ("softmax", "sinkhorn_knopp"))
         for key in ("dino_loss_weight", "ibot_loss_weight", "koleo_loss_weight"):
             check_range(f"loss.{key}", getattr(self, key), 0.0)
         # the temperatures divide the logits
@@ -288,6 +301,8 @@ class TrainConfig:
     plots: bool = True
 
     def __post_init__(self) -> None:
+        check_choice("train.precision", self.precision, ("fp32", "bf16"))
+        check_choice("train.progress", self.progress, ("auto", "tqdm", "log", "none"))
         check_range("train.steps", self.steps, 1)
         check_range("train.log_every", self.log_every, 1)  # a modulus
         check_range("train.checkpoint_every", self.checkpoint_every, 1)
@@ -298,11 +313,23 @@ class TrainConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where a run's rows go besides ``metrics.jsonl``: ``tensorboard`` also writes them as
+    TensorBoard scalars under ``output_dir/tensorboard`` (the ``tensorboard`` extra)."""
+
+    tensorboard: bool = False
+
+
+@dataclass
 class DistributedConfig:
     """``strategy``: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp`` or ``none``."""
 
     strategy: str = "auto"
     backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("dist.strategy", self.strategy, ("auto", "ddp", "fsdp", "none"))
+        check_choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
 
 
 @dataclass
@@ -313,6 +340,7 @@ class Config:
     and states: a resume with any of them changed is refused (:mod:`dinov.train.resume`).
     """
 
+    TRAINER: ClassVar[str] = "dinov.train"  # the entry point whose checkpoints this schema resumes
     ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
         "model.arch", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
         "model.num_heads", "model.num_register_tokens", "head",
@@ -328,22 +356,12 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     probe: ProbeConfig = field(default_factory=ProbeConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
 
 
 ConfigT = TypeVar("ConfigT")
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "data.kind": ("synthetic", "imagefolder", "folder"),
-    "model.weights_format": ("auto", "dinov2", "dinov3", "timm", "ours"),
-    "model.attention": ("sdpa", "xformers"),
-    "model.pos_interp": ("auto", "dinov2", "dinov2_reg", "timm"),
-    "loss.centering": ("softmax", "sinkhorn_knopp"),
-    "train.precision": ("fp32", "bf16"),
-    "train.progress": ("auto", "tqdm", "log", "none"),
-    "dist.strategy": ("auto", "ddp", "fsdp", "none"),
-    "dist.backend": ("auto", "nccl", "gloo"),
-}
 
 
 def _expected_type(schema: type, dotted_key: str) -> str:
@@ -366,6 +384,9 @@ def _expected_type(schema: type, dotted_key: str) -> str:
 def _raise_for(error: OmegaConfBaseException, source: str, schema: type) -> typing.NoReturn:
     key = getattr(error, "full_key", None) or "<unknown>"
     if isinstance(error, ConfigKeyError) or "not in" in str(error):
+        renamed = getattr(schema, "RENAMED_KEYS", {}).get(key)
+        if renamed is not None:
+            raise ConfigError(f"{source}: config key '{key}' is now '{renamed}'") from None
         raise ConfigError(f"{source}: unknown config key '{key}'") from None
     if isinstance(error, ValidationError):
         value = getattr(error, "value", None)
@@ -382,13 +403,6 @@ def _merge(base: DictConfig, other: Any, source: str, schema: type) -> DictConfi
         _raise_for(error, source, schema)
     assert isinstance(merged, DictConfig)
     return merged
-
-
-def _check_choices(cfg: DictConfig, choices: dict[str, tuple[str, ...]]) -> None:
-    for key, allowed in choices.items():
-        value = OmegaConf.select(cfg, key, default=None)
-        if value is not None and value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
 
 
 def _yaml_chain(yaml_path: pathlib.Path, seen: list[pathlib.Path]) -> list[tuple[pathlib.Path, Any]]:
@@ -421,9 +435,12 @@ def load_config(
     path: str | pathlib.Path | None,
     overrides: list[str] | None = None,
     schema: type[ConfigT] = Config,  # type: ignore[assignment]
-    choices: dict[str, tuple[str, ...]] | None = None,
 ) -> ConfigT:
-    """Schema defaults <- YAML at ``path`` <- ``key=value`` overrides; returns a typed object."""
+    """Schema defaults <- YAML at ``path`` <- ``key=value`` overrides; returns a typed object.
+
+    Values are checked by the schema's own ``__post_init__`` (ranges, choices), so every
+    check lives next to its field.
+    """
     cfg = OmegaConf.structured(schema)
     required: dict[str, pathlib.Path] = {}  # keys a YAML file marks ??? (merging drops the mark)
     if path is not None:
@@ -434,7 +451,6 @@ def load_config(
         if "=" not in item:
             raise ConfigError(f"command line: expected key=value, got {item!r}")
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", schema)
-    _check_choices(cfg, {**_CHOICES, **(choices or {})})
     unset = [f"'{key}' (marked ??? in {yaml_path})" for key, yaml_path in required.items()
              if OmegaConf.select(cfg, key, default=None) is None]
     if unset:

@@ -93,8 +93,10 @@ def _full_weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 class _PoisonRank1FirstStep(StepHook):
     """A NaN loss on rank 1 only, at step 0: both ranks must skip that step together."""
 
-    def before_step(self, trainer: Any, step: int, images: torch.Tensor, task: Any) -> Any:
-        if step == 0 and trainer.env.rank == 1:
+    name = "poison"
+
+    def before_step(self, ctx: Any, images: torch.Tensor, task: Any) -> Any:
+        if ctx.step == 0 and ctx.learner.rank == 1:
             task.student_global = task.student_global * float("nan")
         return task
 
@@ -102,7 +104,7 @@ class _PoisonRank1FirstStep(StepHook):
 def _fresh_heads_fit(cfg: Any, backbone: torch.nn.Module) -> dict[str, Any]:
     """Fresh feedback heads fitted 3 steps on ``backbone`` (each rank: its share of the
     images, gathered features); the test repeats it in one process."""
-    from designers.feedback import FeedbackHeads, FeedbackPools
+    from designers.vision.feedback import FeedbackHeads, FeedbackPools
 
     pools = FeedbackPools(cfg.feedback)
     torch.manual_seed(7)
@@ -117,8 +119,8 @@ def _worker(rank: int, port: int, root: str) -> None:
     """One rank: every job of JOBS in turn, in one gloo process group."""
     import torch.distributed as dist
 
-    from designers.config import V_CHOICES, VConfig
-    from designers.meta import DesignerHook
+    from designers.vision.config import VConfig
+    from designers.vision.hook import VisionDesignerHook
     from dinov.train.trainer import Trainer
 
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(WORLD_SIZE), LOCAL_RANK=str(rank),
@@ -134,14 +136,13 @@ def _worker(rank: int, port: int, root: str) -> None:
             overrides = [f"output_dir={out / 'runs' / run_dir}", *COMMON, *extra]
             hooks: list[StepHook] = [_PoisonRank1FirstStep()] if name == "ddp_nan" else []
             if name in VPRE:
-                cfg = load_config("configs/vsmoke.yaml", overrides, schema=VConfig, choices=V_CHOICES)
-                hooks = [DesignerHook(cfg)]
+                cfg = load_config("configs/vsmoke.yaml", overrides, schema=VConfig)
+                hooks = [VisionDesignerHook(cfg)]
             else:
                 cfg = load_config(SMOKE, overrides)
             trainer = Trainer(cfg, hooks=hooks)
             start: dict[str, torch.Tensor] = {}
             if name in VPRE:
-                hooks[0].setup(trainer)
                 start = {k: v.clone() for k, v in hooks[0].designer.state_dict().items()}
             results = trainer.fit()
             state = {"results": results, "weights": _full_weights(trainer.model)}
@@ -150,8 +151,8 @@ def _worker(rank: int, port: int, root: str) -> None:
                 state["designer_start"] = start
                 state["heads"] = {k: v.clone() for k, v in hooks[0].heads.state_dict().items()
                                   if isinstance(v, torch.Tensor)}
-                state["realised"] = torch.tensor(hooks[0].realised, dtype=torch.float64)
-                state["predicted"] = torch.tensor(hooks[0].predicted, dtype=torch.float64)
+                state["realised"] = torch.tensor(hooks[0].core.calibration.realised, dtype=torch.float64)
+                state["predicted"] = torch.tensor(hooks[0].core.calibration.predicted, dtype=torch.float64)
             if name == "ddp_vpre":
                 state.update(_fresh_heads_fit(cfg, trainer.model.backbone))
             torch.save(state, out / f"{name}.rank{rank}.result")
@@ -323,8 +324,8 @@ def test_unknown_strategy_is_an_error(tmp_path: pathlib.Path) -> None:
 
     with pytest.raises(ConfigError, match="dist.strategy"):  # from YAML / CLI
         load_config(SMOKE, [f"output_dir={tmp_path}", "dist.strategy=zero3"])
-    with pytest.raises(ValueError, match="dist.strategy must be one of"):  # built in code
-        distributed.init_distributed(DistributedConfig(strategy="zero3"))
+    with pytest.raises(ValueError, match="dist.strategy' must be one of"):  # built in code
+        distributed.init_distributed(DistributedConfig(strategy="zero3"))  # the schema refuses it
 
 
 def test_ddp_v_pretraining_keeps_one_designer(runs: pathlib.Path) -> None:
@@ -377,15 +378,15 @@ def test_fsdp_v_pretraining_matches_ddp(runs: pathlib.Path, job: str) -> None:
 def test_ddp_head_fit_equals_one_process(runs: pathlib.Path, tmp_path: pathlib.Path) -> None:
     """Each rank ran the backbone on half of every head batch; the gathered features made
     the fit the one a single process takes on the whole batches."""
-    from designers.config import V_CHOICES, VConfig
-    from designers.feedback import FeedbackHeads, FeedbackPools
+    from designers.vision.config import VConfig
+    from designers.vision.feedback import FeedbackHeads, FeedbackPools
     from dinov.models import build_backbone
 
     rank0 = _result(runs, "ddp_vpre", 0)
     job = next(extra for name, _, extra in JOBS if name == "ddp_vpre")
     overrides = [o for o in job if not o.startswith("dist.")]
     cfg = load_config("configs/vsmoke.yaml", [f"output_dir={tmp_path}", *overrides],
-                      schema=VConfig, choices=V_CHOICES)
+                      schema=VConfig)
     backbone = build_backbone(cfg.model)
     backbone.load_state_dict(rank0["backbone"])
     pools = FeedbackPools(cfg.feedback)

@@ -62,11 +62,13 @@ def test_resume_is_bitwise_identical(tmp_path):
 class _PoisonFirstSteps(StepHook):
     """Makes the first ``n`` tasks produce NaN losses."""
 
+    name = "poison"
+
     def __init__(self, n: int) -> None:
         self.n = n
 
-    def before_step(self, trainer, step, images, task):
-        if step < self.n:
+    def before_step(self, ctx, images, task):
+        if ctx.step < self.n:
             task.student_global = task.student_global * float("nan")
         return task
 
@@ -87,11 +89,16 @@ def test_nonfinite_steps_are_skipped_then_stop(tmp_path):
 
 
 class _CountingHook(StepHook):
+    name = "counting"
+
     def __init__(self) -> None:
         self.calls = 0
 
-    def after_step(self, trainer, step, task, losses):
+    def after_step(self, ctx, task, losses):
         self.calls += 1
+        return {"calls": float(self.calls)}
+
+    def summary(self):
         return {"hook_calls": float(self.calls)}
 
     def state_dict(self):
@@ -106,7 +113,10 @@ def test_hooks_are_called_and_checkpointed(tmp_path):
     results = Trainer(smoke_cfg(tmp_path, "train.steps=3"), hooks=[hook]).fit()
     assert hook.calls == 3 and results["hook_calls"] == 3.0
     state = load_checkpoint(latest_checkpoint(tmp_path / "checkpoints"))
-    assert state["hooks"] == [{"calls": 3}]
+    assert state["hooks"] == {"counting": {"calls": 3}}
+    # what after_step returns is every step's row, under the hook's name
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["counting/calls"] for r in rows] == [1.0, 2.0, 3.0]
 
 
 def test_teacher_is_ema_of_student(tmp_path):

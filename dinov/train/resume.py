@@ -71,24 +71,22 @@ def _is_architecture(key: str, architecture_keys: tuple[str, ...]) -> bool:
     return any(key == arch or key.startswith(arch + ".") for arch in architecture_keys)
 
 
-def check_resume_config(saved_yaml: str, cfg: Any, path: pathlib.Path) -> None:
+def check_resume_config(state: dict[str, Any], cfg: Any, path: pathlib.Path) -> None:
     """Refuse a checkpoint this config cannot continue; warn about other changed keys.
 
-    ``cfg`` is the run's config object; its class's ``ARCHITECTURE_KEYS`` (dotted keys or
-    whole sections) name what the checkpoint's tensors and states are shaped by.
+    ``cfg`` is the run's config object: its class's ``TRAINER`` names the entry point that
+    writes such checkpoints, and ``ARCHITECTURE_KEYS`` (dotted keys or whole sections) what
+    the checkpoint's tensors and states are shaped by.
     """
-    saved = OmegaConf.to_container(OmegaConf.create(saved_yaml))
+    saved = OmegaConf.to_container(OmegaConf.create(state["config"]))
     current = OmegaConf.to_container(OmegaConf.create(to_yaml(cfg)))
     assert isinstance(saved, dict) and isinstance(current, dict)
-    sections = {k for k, v in saved.items() if isinstance(v, dict)}
-    ours = {k for k, v in current.items() if isinstance(v, dict)}
-    if sections != ours:
-        extra, missing = sorted(sections - ours), sorted(ours - sections)
-        raise ResumeError(
-            f"{path} was written by another trainer (its config has sections {extra} that this "
-            f"run lacks and lacks {missing}; designers.train writes designer/value/feedback, "
-            f"dinov.train does not): resume with the entry point that wrote it, or use a new "
-            f"output_dir")
+    # older checkpoints name no trainer: a config section the other trainer lacks tells
+    writer = state.get("trainer") or ("designers.train" if "designer" in saved else "dinov.train")
+    ours = getattr(type(cfg), "TRAINER", "dinov.train")
+    if writer != ours:
+        raise ResumeError(f"{path} was written by python -m {writer}, not by python -m {ours}: "
+                          f"resume it with the entry point that wrote it, or use a new output_dir")
     before, after = _flatten(saved), _flatten(current)
     changed = sorted(k for k in before.keys() | after.keys()
                      if before.get(k) != after.get(k) and k not in _EXPECTED_TO_DIFFER)

@@ -1,17 +1,27 @@
-"""The trainer's extension point: how a batch becomes a self-supervised task.
+"""The trainer's extension point: how a batch becomes a self-supervised task, and the
+hooks called around every learner step.
 
-A :class:`TaskBuilder` turns a batch of images into a :class:`Task` (the student's
-global and local views, the teacher's views and the iBOT masks). The default builds
-DINO multicrop + iBOT block masks. A :class:`StepHook` is called around every learner
-step; task designers use the pair to build designed views and to take their own meta
-steps, without any change to the trainer.
+:class:`MultiCropTaskBuilder` turns a batch of images into the default :class:`Task`
+(the student's global and local views, the teacher's views and the iBOT masks: DINO
+multicrop + iBOT block masks). A :class:`StepHook` may replace that task before the
+learner step (designed views) and report values after it. Its contract is narrow:
+
+- :meth:`StepHook.setup` runs once, when the trainer is built, before a resume loads
+  any state: a hook builds what it owns there (never lazily), from a
+  :class:`LearnerContext` (the learner's model and device, how it is distributed, and
+  the trainer's one counter of skipped non-finite steps);
+- :meth:`StepHook.before_step` / :meth:`StepHook.after_step` get a :class:`StepContext`
+  (step, learner, this step's schedule values), not the trainer; what ``after_step``
+  returns is written to this step's ``metrics.jsonl`` row as ``<hook name>/<key>``;
+- :meth:`StepHook.summary` goes into ``results.json``; ``state_dict`` into checkpoints.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
@@ -21,7 +31,7 @@ from dinov.data.masking import PatchMasks, sample_block_masks
 from dinov.data.multicrop import MultiCropAugmentation
 
 if TYPE_CHECKING:
-    from dinov.train.trainer import Trainer
+    from dinov.train.meta_arch import SSLMetaArch
 
 
 @dataclass
@@ -120,10 +130,6 @@ class Task:
         )
 
 
-class TaskBuilder(Protocol):
-    def __call__(self, images: Tensor, step: int) -> Task: ...
-
-
 class MultiCropTaskBuilder(nn.Module):
     """The default task: DINO multicrop on kornia plus iBOT block masks."""
 
@@ -133,7 +139,7 @@ class MultiCropTaskBuilder(nn.Module):
         self.augment = MultiCropAugmentation(cfg.crops)
         self.patch_grid = patch_grid
 
-    def forward(self, images: Tensor, step: int) -> Task:
+    def forward(self, images: Tensor) -> Task:
         crops = self.augment(images)
         n_global_crops = crops.global_crops.shape[0]
         masks = sample_block_masks(n_global_crops, self.patch_grid, self.cfg.masks)
@@ -142,14 +148,52 @@ class MultiCropTaskBuilder(nn.Module):
                     crops.n_global, crops.n_local)
 
 
-class StepHook:
-    """Called around each learner step. The base class does nothing."""
+@dataclass(frozen=True)
+class LearnerContext:
+    """What a hook may use of the learner (fixed for the run)."""
 
-    def before_step(self, trainer: Trainer, step: int, images: Tensor, task: Task) -> Task:
+    model: SSLMetaArch  # student (possibly DDP/FSDP-wrapped parts), EMA teacher, losses
+    device: torch.device
+    rank: int
+    world_size: int
+    fsdp: bool  # the student's parts are FSDP2-sharded
+    # count a skipped non-finite part of a step (the trainer's one counter and stop rule)
+    record_nonfinite: Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """One learner step, as a hook sees it."""
+
+    step: int
+    learner: LearnerContext
+    schedule: dict[str, float]  # lr, weight_decay, momentum, teacher_temp, ... of this step
+
+    @property
+    def model(self) -> SSLMetaArch:
+        return self.learner.model
+
+    @property
+    def device(self) -> torch.device:
+        return self.learner.device
+
+
+class StepHook:
+    """Called around each learner step (see the module docstring). The base does nothing."""
+
+    name = "hook"  # namespace of the hook's values in metrics.jsonl
+
+    def setup(self, learner: LearnerContext) -> None:
+        del learner
+
+    def before_step(self, ctx: StepContext, images: Tensor, task: Task) -> Task:
         return task
 
-    def after_step(self, trainer: Trainer, step: int, task: Task,
+    def after_step(self, ctx: StepContext, task: Task,
                    losses: dict[str, Tensor]) -> dict[str, float]:
+        return {}
+
+    def summary(self) -> dict[str, Any]:
         return {}
 
     def state_dict(self) -> dict[str, Any]:

@@ -2,8 +2,9 @@
 checkpoints, exact resume, online probes and plots.
 
 A run writes to ``output_dir``: ``config.yaml``, ``metrics.jsonl`` (one JSON object per
-logged step), ``results.json``, ``checkpoints/`` and PNG plots. Designers plug in through
-``task_builder`` and ``hooks`` (see :mod:`dinov.train.task`).
+logged step, and per step a hook reported values), ``results.json``, ``checkpoints/``,
+PNG plots and, with ``log.tensorboard=true``, TensorBoard events of the same rows.
+Designers plug in through ``hooks`` (see :mod:`dinov.train.task`).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 from tqdm import tqdm
 
 from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
-from dinov.config import Config, save_config, to_yaml
+from dinov.config import Config, ConfigError, save_config, to_yaml
 from dinov.distributed import (
     all_ranks_finite,
     all_reduce_mean,
@@ -52,7 +53,7 @@ from dinov.train.resume import (
     truncate_metrics,
 )
 from dinov.train.schedules import build_schedules
-from dinov.train.task import MultiCropTaskBuilder, StepHook, Task, TaskBuilder
+from dinov.train.task import LearnerContext, MultiCropTaskBuilder, StepContext, StepHook, Task
 
 log = logging.getLogger("dinov.train")
 
@@ -68,8 +69,7 @@ def seed_everything(seed: int) -> None:
 
 
 class Trainer:
-    def __init__(self, cfg: Config, task_builder: TaskBuilder | None = None,
-                 hooks: Sequence[StepHook] = ()) -> None:
+    def __init__(self, cfg: Config, hooks: Sequence[StepHook] = ()) -> None:
         self.cfg = cfg
         self.env, self.device = init_distributed(cfg.dist)
         seed_everything(cfg.train.seed + self.env.rank)
@@ -81,8 +81,10 @@ class Trainer:
         self.optimizer = build_optimizer(self.model.student, self.model.num_blocks, cfg.optim)
         self.schedules = build_schedules(cfg)
         grid = self.model.backbone.patch_grid(cfg.crops.global_crops_size, cfg.crops.global_crops_size)
-        self.task_builder = task_builder or MultiCropTaskBuilder(cfg, grid)
+        self.task_builder = MultiCropTaskBuilder(cfg, grid)
         self.hooks = list(hooks)
+        if len({hook.name for hook in self.hooks}) != len(self.hooks):
+            raise ValueError(f"hooks need distinct names, got {[h.name for h in self.hooks]}")
         dataset = build_pretraining_dataset(cfg.data)
         self.stream = BatchStream(dataset, cfg.data, self.env.rank, self.env.world_size)
         # under FSDP the probe's teacher forwards are collectives: every rank runs them
@@ -96,21 +98,27 @@ class Trainer:
         # after a resume (and results.json's final_loss) equal an uninterrupted run's
         self.pending: list[dict[str, torch.Tensor]] = []
         self._clock: tuple[float, float] = (0.0, time.perf_counter())  # (seconds before, start)
+        self._hook_values: dict[str, float] = {}  # this step's, for its metrics row
+        self._tensorboard: Any = None
+        self.learner = LearnerContext(model=self.model, device=self.device, rank=self.env.rank,
+                                      world_size=self.env.world_size, fsdp=uses_fsdp(cfg.dist),
+                                      record_nonfinite=self.record_nonfinite)
+        for hook in self.hooks:  # before any resume: hooks own what they build from here on
+            hook.setup(self.learner)
 
     # ----- state -----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """The checkpoint; a collective under DDP/FSDP (full state dicts, every rank's RNG)."""
-        builder_state = self.task_builder.state_dict() if hasattr(self.task_builder, "state_dict") else {}
         return {
             "step": self.step,
             "config": to_yaml(self.cfg),  # lets eval rebuild the backbone from the file alone
+            "trainer": type(self.cfg).TRAINER,  # the entry point that can resume it
             # how the loaded weights resize positions (model.pos_interp=auto resolved), so
             # the checkpoint evaluates the way the run trained
             "pos_interp": self.model.backbone.pos_interp,
             "model": model_state_dict(self.model),  # full and wrapper-free under DDP/FSDP
             "optimizer": optimizer_state_dict(self.model, self.optimizer),
-            "task_builder": builder_state,
-            "hooks": [hook.state_dict() for hook in self.hooks],
+            "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
             "rng": rng_state(),
             "rng_per_rank": gather_objects(rng_state()),  # each rank restores its own stream
             "nonfinite_steps": self.nonfinite_steps,
@@ -125,10 +133,12 @@ class Trainer:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         load_model_state_dict(self.model, state["model"])
         load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
-        if hasattr(self.task_builder, "load_state_dict") and state.get("task_builder"):
-            self.task_builder.load_state_dict(state["task_builder"])
-        for hook, hook_state in zip(self.hooks, state["hooks"], strict=True):
-            hook.load_state_dict(hook_state)
+        hook_states = state["hooks"]
+        if set(hook_states) != {hook.name for hook in self.hooks}:
+            raise ValueError(f"the checkpoint holds the states of hooks {sorted(hook_states)}, "
+                             f"this run has {sorted(h.name for h in self.hooks)}")
+        for hook in self.hooks:
+            hook.load_state_dict(hook_states[hook.name])
         set_rng_state(rank_rng_state(state, self.env))
         self.step = state["step"]
         self.nonfinite_steps = state["nonfinite_steps"]
@@ -161,7 +171,7 @@ class Trainer:
             log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
             return
         path, state = found
-        check_resume_config(state["config"], self.cfg, path)
+        check_resume_config(state, self.cfg, path)
         try:
             self.load_state_dict(state)
         except (RuntimeError, ValueError, KeyError) as error:  # a shape no config key explains
@@ -182,18 +192,21 @@ class Trainer:
 
     # ----- one step --------------------------------------------------------------------
     def build_task(self, images: torch.Tensor) -> Task:
-        return self.task_builder(images.to(self.device, non_blocking=True), self.step)
+        return self.task_builder(images.to(self.device, non_blocking=True))
 
     def train_step(self, images: torch.Tensor) -> dict[str, torch.Tensor] | None:
         """Build the task (through the hooks), then one learner step on its detached views."""
         sched = self.schedules.at(self.step)
+        ctx = StepContext(step=self.step, learner=self.learner, schedule=sched)
         task = self.build_task(images)
         for hook in self.hooks:
-            task = hook.before_step(self, self.step, images, task)
+            task = hook.before_step(ctx, images, task)
         losses = self.learner_step(task.detached(), sched)
+        self._hook_values = {}
         if losses is not None:
             for hook in self.hooks:
-                self.history.setdefault("hooks", {}).update(hook.after_step(self, self.step, task, losses))
+                values = hook.after_step(ctx, task, losses)
+                self._hook_values.update({f"{hook.name}/{k}": v for k, v in values.items()})
         return losses
 
     def learner_step(self, task: Task, sched: dict[str, float]) -> dict[str, torch.Tensor] | None:
@@ -239,6 +252,25 @@ class Trainer:
             return
         with open(self.output_dir / "metrics.jsonl", "a") as handle:
             handle.write(json.dumps(row) + "\n")
+        if self._tensorboard is not None:
+            for key, value in row.items():
+                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                    self._tensorboard.add_scalar(key, value, row["step"])
+
+    def _open_tensorboard(self) -> Any:
+        """The TensorBoard writer of ``log.tensorboard=true`` (rank 0), or None.
+
+        ``purge_step``: a resumed run drops the events an interrupted one wrote after its
+        checkpoint, as metrics.jsonl drops those rows.
+        """
+        if not (self.cfg.log.tensorboard and self.env.is_main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError as error:
+            raise ConfigError("log.tensorboard=true needs the tensorboard package: "
+                              "pip install 'vpretrain[tensorboard]'") from error
+        return SummaryWriter(log_dir=str(self.output_dir / "tensorboard"), purge_step=self.step + 1)
 
     def _probe(self) -> dict[str, float]:
         if self.probe is None:
@@ -263,6 +295,15 @@ class Trainer:
         finished = self._results_of_finished_run()
         if finished is not None:
             return finished
+        self._tensorboard = self._open_tensorboard()
+        try:
+            return self._train()
+        finally:
+            if self._tensorboard is not None:
+                self._tensorboard.close()
+
+    def _train(self) -> dict[str, Any]:
+        cfg = self.cfg
         if self.step == 0 and "probe_init" not in self.history:
             self.history["probe_init"] = self._probe()
         stop = min(cfg.train.steps, cfg.train.stop_at_step or cfg.train.steps)
@@ -304,6 +345,7 @@ class Trainer:
                 log.info("step %d/%d loss %.4f", step, cfg.train.steps, row.get("loss", float("nan")))
         if cfg.probe.every > 0 and step % cfg.probe.every == 0 and step < cfg.train.steps:
             row.update(self._probe())
+        row.update(self._hook_values)  # e.g. a meta step's V and calibration pair
         if row:
             self._log({"step": step, **row})
         if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at_step:
@@ -339,7 +381,8 @@ class Trainer:
             "train_seconds": round(self.history.get("train_seconds", 0.0), 2),
             "probe_top1_init": self.history.get("probe_init", {}).get("probe_top1"),
             "probe_top1_final": final_probe.get("probe_top1"),
-            **{k: v for k, v in self.history.get("hooks", {}).items() if not math.isnan(v)},
+            **{k: v for hook in self.hooks for k, v in hook.summary().items()
+               if not (isinstance(v, float) and math.isnan(v))},
         }
         if self.env.is_main:
             atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
