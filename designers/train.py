@@ -1,9 +1,9 @@
 """V-pretraining entry point: ``python -m designers.train --config FILE key=value ...``.
 
 Builds the learner's :class:`~dinov.train.trainer.Trainer` with one
-:class:`~designers.meta.DesignerHook` (``designer.kind=none`` is the baseline through
-the same path), runs it and prints the results (also written to ``results.json``, with
-the calibration r and the last V merged in from the hook).
+:class:`~designers.vision.hook.VisionDesignerHook` (``designer.kind=none`` is the
+baseline through the same path), runs it and prints the results (also written to
+``results.json``, with the calibration r and the last V from the hook's summary).
 """
 
 from __future__ import annotations
@@ -11,21 +11,20 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from designers.config import V_CHOICES, VConfig
-from designers.meta import DesignerHook
+from designers.vision.config import VConfig, vconfig_schema
+from designers.vision.hook import VisionDesignerHook
 from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.train.trainer import Trainer
 
 
 def run(cfg: VConfig) -> dict[str, Any]:
     """Train one V-pretraining run; returns the trainer's results."""
-    hook = DesignerHook(cfg)
-    return Trainer(cfg, hooks=[hook]).fit()
+    return Trainer(cfg, hooks=[VisionDesignerHook(cfg)]).fit()
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(argv, "V-pretraining: a learner with a task designer", schema=VConfig,
-                       choices=V_CHOICES)
+    cfg = parse_config(argv, "V-pretraining: a learner with a task designer",
+                       schema=vconfig_schema())
     setup_logging()
     results = exit_on_run_error(lambda: run(cfg))
     print(json.dumps(results, indent=2))

@@ -430,19 +430,18 @@ class _SequentialCentralDifference(torch.autograd.Function):
         return (None, None, None, None, None, *grads)
 
 
-def aligned_parameters(backbone: nn.Module, n_last_blocks: int) -> list[nn.Parameter]:
-    """The last ``n_last_blocks`` blocks' parameters plus the final norm's (aligned set S).
+def aligned_parameters(layers: Sequence[nn.Module], n_last: int,
+                       final: Sequence[nn.Module] = ()) -> list[nn.Parameter]:
+    """The aligned set S: the parameters of the last ``n_last`` of ``layers`` plus those of
+    the ``final`` modules (``value.align_last_n_blocks``).
 
-    This is ``value.align_last_n_blocks`` in the config.
-
-    Takes any module with ``.model.blocks`` and ``.model.norm`` (a DDP wrapper is unwrapped).
+    The caller names its layers: a timm ViT's ``model.blocks`` and final ``model.norm``,
+    an HF causal LM's ``model.layers`` and ``model.norm``.
     """
-    backbone = getattr(backbone, "module", backbone)
-    blocks = backbone.model.blocks
-    if not 1 <= n_last_blocks <= len(blocks):
-        raise ValueError(f"n_last_blocks must be in [1, {len(blocks)}], got {n_last_blocks}")
+    layers = list(layers)
+    if not 1 <= n_last <= len(layers):
+        raise ValueError(f"n_last must be in [1, {len(layers)}], got {n_last}")
     params: list[nn.Parameter] = []
-    for block in list(blocks)[-n_last_blocks:]:
-        params += list(block.parameters())
-    params += list(backbone.model.norm.parameters())
+    for layer in [*layers[-n_last:], *final]:
+        params += list(layer.parameters())
     return params

@@ -12,8 +12,8 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from designers.masks import SoftMaskDesigner, TokenMaskDesigner, total_variation
-from designers.views import PARAM_NAMES, AugmentationDesigner, augment
+from designers.vision.augment import PARAM_NAMES, AugmentationDesigner, augment
+from designers.vision.masks import SoftMaskDesigner, TokenMaskDesigner, total_variation
 from dinov.config import CropsConfig
 
 
@@ -63,7 +63,7 @@ def test_soft_mask_gradients_reach_every_parameter() -> None:
     designer = SoftMaskDesigner()
     designed, mu = designer(_images())
     target = torch.randn_like(designed)
-    loss = (designed * target).mean() + designer.regulariser(mu)
+    loss = (designed * target).mean() + designer.penalty(mu)
     loss.backward()
     _assert_all_grads(designer)
 
@@ -73,10 +73,10 @@ def test_soft_mask_regulariser_by_hand() -> None:
     # mean 0.65; |dx| = 0.6, 0.4 -> 0.5; |dy| = 0.4, 0.2 -> 0.3; TV = 0.8
     assert total_variation(mu).item() == pytest.approx(0.8)
     expected = 0.3 * (0.65 - 0.45) ** 2 + 0.1 * 0.8
-    got = SoftMaskDesigner.regulariser(mu, kappa=0.45, lambda_sparsity=0.3, lambda_tv=0.1)
+    got = SoftMaskDesigner.penalty(mu, kappa=0.45, lambda_sparsity=0.3, lambda_tv=0.1)
     assert got.item() == pytest.approx(expected, rel=1e-6)
     # DESIGN defaults: kappa 0.5, lambda_s 0.2, lambda_tv 0.08
-    assert SoftMaskDesigner.regulariser(mu).item() == pytest.approx(0.2 * 0.15**2 + 0.08 * 0.8)
+    assert SoftMaskDesigner.penalty(mu).item() == pytest.approx(0.2 * 0.15**2 + 0.08 * 0.8)
 
 
 # ----------------------------------------------------------------------- token mask
@@ -161,7 +161,7 @@ def test_augmentation_designer_shapes_and_gradients() -> None:
     for name in PARAM_NAMES:
         assert params[name].shape == (2,)
     assert params["raw_mean"].shape == params["raw_std"].shape == (2, len(PARAM_NAMES))
-    loss = (views * torch.randn_like(views)).mean() + designer.regulariser(params)
+    loss = (views * torch.randn_like(views)).mean() + designer.penalty(params)
     loss.backward()
     _assert_all_grads(designer)
 
@@ -196,14 +196,14 @@ def test_augmentation_regulariser_minimal_at_dino_defaults() -> None:
     x = _images(2, 32)
     designer = _fixed_designer()
     _, params = designer(x, 24)
-    at_default = designer.regulariser(params, lambda_entropy=0.0)
+    at_default = designer.penalty(params, lambda_entropy=0.0)
     assert at_default.item() < 1e-5
     gen = torch.Generator().manual_seed(0)
     for _ in range(3):
         moved = dict(params)
         moved["raw_mean"] = params["raw_mean"] + 0.5 * torch.randn(
             params["raw_mean"].shape, generator=gen)
-        assert designer.regulariser(moved, lambda_entropy=0.0) > at_default
+        assert designer.penalty(moved, lambda_entropy=0.0) > at_default
     # the entropy term rewards noise in the drawn values: a larger std (same draws)
     # lowers the regulariser ...
     eps = (params["raw"] - params["raw_mean"]) / params["raw_std"]
@@ -213,12 +213,12 @@ def test_augmentation_regulariser_minimal_at_dino_defaults() -> None:
 
     base = drawn(torch.zeros_like(eps), torch.full_like(eps, 0.5))
     wider = drawn(torch.zeros_like(eps), torch.full_like(eps, 0.75))
-    assert designer.regulariser(wider, lambda_prior=0.0) < designer.regulariser(base, lambda_prior=0.0)
+    assert designer.penalty(wider, lambda_prior=0.0) < designer.penalty(base, lambda_prior=0.0)
     # ... and a mean deep in the sigmoid's tail, where the same std moves the drawn value
     # by almost nothing, counts as (much) less entropy: exactly, log std + E log σ'(z)
     tail = drawn(torch.full_like(eps, 6.0), torch.full_like(eps, 0.5))
-    reg_base = designer.regulariser(base, lambda_prior=0.0)
-    reg_tail = designer.regulariser(tail, lambda_prior=0.0)
+    reg_base = designer.penalty(base, lambda_prior=0.0)
+    reg_tail = designer.penalty(tail, lambda_prior=0.0)
     z = tail["raw"]
     expected = -(math.log(0.5) + (torch.sigmoid(z) * torch.sigmoid(-z)).log()).mean()
     assert torch.allclose(reg_tail, expected * 0.01, rtol=1e-5)

@@ -21,9 +21,9 @@ import pytest
 import torch
 from PIL import Image
 
-from designers.config import V_CHOICES, VConfig
-from designers.meta import DesignerHook
 from designers.train import main as vtrain_main
+from designers.vision.config import VConfig
+from designers.vision.hook import VisionDesignerHook
 from dinov.checkpoint import checkpoint_path, list_checkpoints, load_checkpoint
 from dinov.config import ConfigError, load_config
 from dinov.train.__main__ import main as train_main
@@ -43,7 +43,7 @@ def cfg_of(out: Path, *overrides: str):
 
 def vcfg_of(out: Path, *overrides: str) -> VConfig:
     return load_config(VSMOKE, [f"output_dir={out}", *QUIET, *SHORT, "designer.every=2",
-                                *overrides], schema=VConfig, choices=V_CHOICES)
+                                *overrides], schema=VConfig)
 
 
 def rows(out: Path) -> list[dict]:
@@ -101,13 +101,13 @@ def test_sigkill_at_several_steps_then_resume_reproduces_metrics_and_results(tmp
 
 def test_vpretraining_killed_twice_reproduces_metrics_and_results(tmp_path: Path):
     straight = tmp_path / "straight"
-    Trainer(cfg := vcfg_of(straight), hooks=[DesignerHook(cfg)]).fit()
+    Trainer(cfg := vcfg_of(straight), hooks=[VisionDesignerHook(cfg)]).fit()
     killed = tmp_path / "killed"
     for step in (5, 8):  # after the checkpoints of steps 3 and 6, mid-log-interval
         cfg = vcfg_of(killed, "train.resume=true")
-        run_killed_at(Trainer(cfg, hooks=[DesignerHook(cfg)]), step)
+        run_killed_at(Trainer(cfg, hooks=[VisionDesignerHook(cfg)]), step)
     cfg = vcfg_of(killed, "train.resume=true")
-    Trainer(cfg, hooks=[DesignerHook(cfg)]).fit()
+    Trainer(cfg, hooks=[VisionDesignerHook(cfg)]).fit()
     assert rows(killed) == rows(straight)
     assert results(killed) == results(straight)
 
@@ -197,7 +197,7 @@ def test_checkpoint_of_the_other_trainer_is_refused(tmp_path: Path, capsys):
     capsys.readouterr()
     line = _refused(capsys, lambda: vtrain_main([f"--config={VSMOKE}", f"output_dir={tmp_path}",
                                                  *QUIET, *SHORT, "train.resume=true"]))
-    assert "another trainer" in line and "designer" in line
+    assert "written by python -m dinov.train, not by python -m designers.train" in line
     assert (tmp_path / "config.yaml").read_bytes() == config_before
 
 
@@ -212,12 +212,11 @@ def test_changed_designer_kind_on_resume_is_refused(tmp_path: Path, capsys, kind
 
 # ----------------------------------------------------------- divergence
 def _nan_once(monkeypatch, name: str, call: int) -> None:
-    """Make designers.meta's ``name`` (a function, or a DesignerHook method) return NaN in
-    its ``call``-th call (0-based)."""
-    import designers.meta as meta
+    """Make the vision hook's ``name`` (a function it calls) return NaN in its ``call``-th
+    call (0-based)."""
+    import designers.vision.hook as hook_module
 
-    owner = DesignerHook if hasattr(DesignerHook, name) else meta
-    original = getattr(owner, name)
+    original = getattr(hook_module, name)
     calls = {"n": 0}
 
     def poisoned(*args, **kwargs):
@@ -229,31 +228,33 @@ def _nan_once(monkeypatch, name: str, call: int) -> None:
             return [g * float("nan") for g in out[0]], out[1]
         return out * float("nan")
 
-    monkeypatch.setattr(owner, name, poisoned)
+    monkeypatch.setattr(hook_module, name, poisoned)
 
 
 @pytest.mark.parametrize("name,part", [
     ("downstream_gradient_and_loss", "meta step: feedback gradient g_down (or L_down)"),
-    ("value", "meta step: value V (or the designer's regulariser)"),
+    ("designed_task_value", "meta step: value V (or the designer's regulariser)"),
 ])
 def test_nan_in_the_meta_step_is_skipped_and_counted(tmp_path: Path, monkeypatch, name, part):
     _nan_once(monkeypatch, name, call=1)  # the second meta step (step 2)
     cfg = vcfg_of(tmp_path, "train.steps=6")
-    hook = DesignerHook(cfg)
+    hook = VisionDesignerHook(cfg)
     out = Trainer(cfg, hooks=[hook]).fit()
     assert out["nonfinite_steps"] == 1 and out["nonfinite_parts"] == {part: 1}
     assert out["designer_meta_steps"] == 2  # steps 0, 2, 4 scheduled; step 2 skipped
-    assert len(hook.predicted) == 2 and all(map(torch.isfinite, torch.tensor(hook.predicted)))
+    predicted = hook.core.calibration.predicted
+    assert len(predicted) == 2 and all(map(torch.isfinite, torch.tensor(predicted)))
     assert all(torch.isfinite(p).all() for p in hook.designer.parameters())
     assert rows(tmp_path)[-1]["nonfinite_steps"] == 1
+    assert [r["step"] for r in rows(tmp_path) if "designer/V" in r] == [1, 5]
 
 
 def test_too_many_nonfinite_meta_steps_stop_the_run_naming_the_part(tmp_path: Path, monkeypatch,
                                                                      capsys):
-    import designers.meta as meta
+    import designers.vision.hook as hook_module
 
-    monkeypatch.setattr(meta.DesignerHook, "value",
-                        lambda self, *a, **k: torch.tensor(float("nan"), requires_grad=True))
+    monkeypatch.setattr(hook_module, "designed_task_value",
+                        lambda *a, **k: torch.tensor(float("nan"), requires_grad=True))
     with pytest.raises(SystemExit) as info:
         vtrain_main([f"--config={VSMOKE}", f"output_dir={tmp_path}", *QUIET, *SHORT,
                      "designer.every=1", "train.max_nonfinite_steps=2"])
@@ -278,16 +279,14 @@ def test_too_many_nonfinite_meta_steps_stop_the_run_naming_the_part(tmp_path: Pa
 ])
 def test_bad_ranges_are_errors_at_load_naming_the_key(override: str, key: str):
     with pytest.raises(ConfigError, match=f"'{key}'"):
-        load_config(VSMOKE, [override], schema=VConfig, choices=V_CHOICES)
+        load_config(VSMOKE, [override], schema=VConfig)
 
 
 def test_aligned_blocks_beyond_the_depth_fail_before_the_first_step(tmp_path: Path):
     cfg = vcfg_of(tmp_path, "value.align_last_n_blocks=5", "designer.burn_in=8")  # depth 4
-    hook = DesignerHook(cfg)
-    trainer = Trainer(cfg, hooks=[hook])
     with pytest.raises(ConfigError, match="value.align_last_n_blocks.*depth \\(4\\)"):
-        trainer.fit()
-    assert trainer.step == 0
+        Trainer(cfg, hooks=[VisionDesignerHook(cfg)])  # the hook's set-up: no step, no file
+    assert not (tmp_path / "metrics.jsonl").exists()
 
 
 # ----------------------------------------------------------- unreadable images

@@ -1,4 +1,5 @@
-"""Feedback pools, heads and g_down (designers/feedback.py) on a tiny CPU ViT."""
+"""Feedback pools, heads and g_down (designers/vision/feedback.py) on a tiny CPU ViT, and the
+random-feedback control's direction (designers/meta.py)."""
 
 from __future__ import annotations
 
@@ -9,16 +10,17 @@ import pathlib
 import pytest
 import torch
 
-from designers.feedback import (
+from designers.meta import MetaCore, random_direction
+from designers.vision.config import FeedbackConfig
+from designers.vision.feedback import (
     FEEDBACK_INDEX_OFFSET,
-    FeedbackConfig,
     FeedbackHeads,
     FeedbackPools,
-    aligned_parameters,
     downstream_gradient_and_loss,
     downstream_loss,
     feedback_losses,
 )
+from designers.vision.value import backbone_aligned_parameters as aligned_parameters
 from dinov.config import load_config
 from dinov.data.synthetic import render_scenes, write_layout
 from dinov.models import Backbone, build_backbone
@@ -94,7 +96,7 @@ def test_pools_disjoint_and_deterministic(pools: FeedbackPools) -> None:
 
 
 def test_seg_features_match_backbone_feature_map(backbone: Backbone, pools: FeedbackPools) -> None:
-    from designers.feedback import _features
+    from designers.vision.feedback import _features
 
     batch = pools.sample("head", 4, torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -193,17 +195,19 @@ def test_random_mode_same_norm_near_orthogonal(
 ) -> None:
     params = aligned_parameters(backbone, 2)
     batch = meta_batch(pools)
-    real = flat(downstream_gradient(backbone, fitted, batch, params, tiny_cfg()))
-    cfg = tiny_cfg(mode="random")
-    r1 = flat(downstream_gradient(backbone, fitted, batch, params, cfg, torch.Generator().manual_seed(7)))
-    r1b = flat(downstream_gradient(backbone, fitted, batch, params, cfg, torch.Generator().manual_seed(7)))
+    g_down = downstream_gradient(backbone, fitted, batch, params, tiny_cfg())
+    real = flat(g_down)
+    r1 = flat(random_direction(g_down, torch.Generator().manual_seed(7)))
+    r1b = flat(random_direction(g_down, torch.Generator().manual_seed(7)))
     torch.testing.assert_close(r1, r1b)  # seeded
     torch.testing.assert_close(r1.norm(), real.norm(), rtol=1e-5, atol=0)
     assert abs(float(torch.nn.functional.cosine_similarity(r1, real, dim=0))) < 0.05
-    # Default generator: fresh direction on every call.
-    r2 = flat(downstream_gradient(backbone, fitted, batch, params, cfg))
-    r3 = flat(downstream_gradient(backbone, fitted, batch, params, cfg))
+    # The control's generator advances: a fresh direction every meta step.
+    core = MetaCore(torch.nn.Linear(2, 2), every=1, burn_in=0, lr=1e-3, feedback_mode="random")
+    r2, r3 = flat(core.direction(g_down)), flat(core.direction(g_down))
     assert abs(float(torch.nn.functional.cosine_similarity(r2, r3, dim=0))) < 0.05
+    real_core = MetaCore(torch.nn.Linear(2, 2), every=1, burn_in=0, lr=1e-3)
+    assert real_core.direction(g_down) is g_down
 
 
 def test_alpha_depth_zero_is_seg_only_gradient(

@@ -1,5 +1,6 @@
-"""V-pretraining's meta step (designers.meta): runs end to end, the feedback never reaches
-the learner's gradient, the baseline is the plain learner, the random control, resume."""
+"""V-pretraining's meta step (designers.meta through designers.vision.hook): runs end to end,
+the feedback never reaches the learner's gradient, the baseline is the plain learner, the
+random control, resume."""
 
 from __future__ import annotations
 
@@ -9,9 +10,10 @@ import math
 import pytest
 import torch
 
-from designers.config import V_CHOICES, VConfig
-from designers.meta import DesignerHook, pearson_r
+from designers.calibration import pearson_r
 from designers.train import main
+from designers.vision.config import VConfig
+from designers.vision.hook import VisionDesignerHook
 from dinov.checkpoint import latest_checkpoint, load_checkpoint
 from dinov.config import load_config
 from dinov.train.task import StepHook, Task
@@ -23,7 +25,7 @@ QUIET = ["probe.enabled=false", "train.plots=false", "train.progress=none"]
 
 def vcfg(tmp_path, *overrides: str) -> VConfig:
     return load_config(VSMOKE, [f"output_dir={tmp_path}", *QUIET, *overrides],
-                       schema=VConfig, choices=V_CHOICES)
+                       schema=VConfig)
 
 
 def params_of(module: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,9 +39,11 @@ class Capture(StepHook):
         self.tasks: list[Task] = []
         self.grads_none: list[bool] = []
 
-    def before_step(self, trainer, step, images, task):
+    name = "capture"
+
+    def before_step(self, ctx, images, task):
         self.tasks.append(task.detached())
-        self.grads_none.append(all(p.grad is None for p in trainer.model.student.parameters()))
+        self.grads_none.append(all(p.grad is None for p in ctx.model.student.parameters()))
         return task
 
 
@@ -47,12 +51,11 @@ def first_batch(trainer: Trainer) -> torch.Tensor:
     return next(trainer.stream.iterate(0))
 
 
-def default_and_designed(cfg: VConfig) -> tuple[DesignerHook, dict[str, torch.Tensor], Task, Task]:
+def default_and_designed(cfg: VConfig) -> tuple[VisionDesignerHook, dict[str, torch.Tensor], Task, Task]:
     """One step with a designer hook: the hook, its designer before the step, the default
     task built from the same RNG state and the designed task the learner got."""
-    hook, capture = DesignerHook(cfg), Capture()
+    hook, capture = VisionDesignerHook(cfg), Capture()
     trainer = Trainer(cfg, hooks=[hook, capture])
-    hook.setup(trainer)
     start = params_of(hook.designer)
     images = first_batch(trainer)
     torch.manual_seed(5)
@@ -64,16 +67,15 @@ def default_and_designed(cfg: VConfig) -> tuple[DesignerHook, dict[str, torch.Te
 
 def test_cli_run_changes_designer_and_fits_heads(tmp_path):
     cfg = vcfg(tmp_path / "a", "train.steps=4")
-    hook = DesignerHook(cfg)
+    hook = VisionDesignerHook(cfg)
     trainer = Trainer(cfg, hooks=[hook])
-    hook.setup(trainer)
     before = params_of(hook.designer)
     trainer.fit()
     after = params_of(hook.designer)
     assert any(not torch.equal(before[k], after[k]) for k in before), "designer did not move"
-    assert hook.meta_steps == 2  # steps 0 and 2 with every=2
+    assert hook.core.meta_steps == 2  # steps 0 and 2 with every=2
     assert hook.heads.fit_steps == 2 * cfg.feedback.head_steps
-    assert math.isfinite(hook.last_v)
+    assert math.isfinite(hook.core.last_value)
     # the command line path, in process; 6 steps = 3 meta steps = a defined Pearson r
     out = tmp_path / "cli"
     results = main(["--config", VSMOKE, f"output_dir={out}", "train.steps=6", *QUIET])
@@ -87,11 +89,11 @@ def test_feedback_never_reaches_the_learner_update(tmp_path):
     """THE INVARIANT: the V-step's learner update equals bitwise a plain learner step on the
     same detached designed views in a trainer that has no feedback data at all."""
     cfg = vcfg(tmp_path / "v", "train.steps=2")
-    hook, capture = DesignerHook(cfg), Capture()
+    hook, capture = VisionDesignerHook(cfg), Capture()
     designed = Trainer(cfg, hooks=[hook, capture])
     images = first_batch(designed)
     designed.train_step(images)
-    assert hook.meta_steps == 1  # step 0 was a meta step
+    assert hook.core.meta_steps == 1  # step 0 was a meta step
     assert capture.grads_none == [True]  # the meta step left no .grad on the learner
     task = capture.tasks[0]
 
@@ -113,7 +115,7 @@ def test_designed_views_are_not_the_default_views(tmp_path):
 
 def test_kind_none_is_the_plain_learner_bitwise(tmp_path):
     cfg = vcfg(tmp_path / "none", "designer.kind=none", "train.steps=3")
-    hooked = Trainer(cfg, hooks=[DesignerHook(cfg)])
+    hooked = Trainer(cfg, hooks=[VisionDesignerHook(cfg)])
     hooked.fit()
     plain = Trainer(load_config("configs/smoke.yaml",
                                 [f"output_dir={tmp_path / 'plain'}", "train.steps=3", *QUIET]))
@@ -123,11 +125,10 @@ def test_kind_none_is_the_plain_learner_bitwise(tmp_path):
         assert torch.equal(a[key], b[key]), key
 
 
-def _one_meta_step(tmp_path, mode: str) -> tuple[DesignerHook, dict[str, torch.Tensor]]:
+def _one_meta_step(tmp_path, mode: str) -> tuple[VisionDesignerHook, dict[str, torch.Tensor]]:
     cfg = vcfg(tmp_path / mode, f"feedback.mode={mode}", "train.steps=1")
-    hook = DesignerHook(cfg)
+    hook = VisionDesignerHook(cfg)
     trainer = Trainer(cfg, hooks=[hook])
-    hook.setup(trainer)
     start = params_of(hook.designer)
     trainer.train_step(first_batch(trainer))
     return hook, start
@@ -138,8 +139,8 @@ def test_random_feedback_control_gives_a_different_designer_update(tmp_path):
     rand, rand_start = _one_meta_step(tmp_path, "random")
     for key in real_start:  # same initial designer ...
         assert torch.equal(real_start[key], rand_start[key]), key
-    assert real.meta_steps == rand.meta_steps == 1
-    assert math.isfinite(rand.last_v) and rand.last_v != real.last_v
+    assert real.core.meta_steps == rand.core.meta_steps == 1
+    assert math.isfinite(rand.core.last_value) and rand.core.last_value != real.core.last_value
     real_end, rand_end = params_of(real.designer), params_of(rand.designer)
     # ... through the same code, a different update
     assert any(not torch.equal(real_end[k], rand_end[k]) for k in real_end)
@@ -149,29 +150,32 @@ def test_random_feedback_control_gives_a_different_designer_update(tmp_path):
 def test_resume_restores_the_hook_state_bitwise(tmp_path):
     common = ["train.steps=4", "train.checkpoint_every=2", "train.log_every=1"]
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    Trainer(vcfg(straight, *common), hooks=[DesignerHook(vcfg(straight, *common))]).fit()
+    Trainer(vcfg(straight, *common), hooks=[VisionDesignerHook(vcfg(straight, *common))]).fit()
     stop = vcfg(resumed, *common, "train.stop_at_step=2")
-    Trainer(stop, hooks=[DesignerHook(stop)]).fit()
+    Trainer(stop, hooks=[VisionDesignerHook(stop)]).fit()
     again = vcfg(resumed, *common, "train.resume=true")
-    hook = DesignerHook(again)
+    hook = VisionDesignerHook(again)
     Trainer(again, hooks=[hook]).fit()
-    a = load_checkpoint(latest_checkpoint(straight / "checkpoints"))["hooks"][0]
-    b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))["hooks"][0]
-    assert a["meta_steps"] == b["meta_steps"] == 2
-    assert a["predicted"] == b["predicted"] and a["realised"] == b["realised"]
-    for part in ("designer", "heads"):
-        for key, value in a[part].items():
+    a = load_checkpoint(latest_checkpoint(straight / "checkpoints"))["hooks"]["designer"]
+    b = load_checkpoint(latest_checkpoint(resumed / "checkpoints"))["hooks"]["designer"]
+    assert a["core"]["meta_steps"] == b["core"]["meta_steps"] == 2
+    assert a["core"]["calibration"] == b["core"]["calibration"]
+    for part, c, d in (("designer", a["core"]["designer"], b["core"]["designer"]),
+                       ("heads", a["heads"], b["heads"])):
+        for key, value in c.items():
             if isinstance(value, torch.Tensor):
-                assert torch.equal(value, b[part][key]), (part, key)
-    for pid, state in a["optimizer"]["state"].items():
-        assert torch.equal(state["exp_avg"], b["optimizer"]["state"][pid]["exp_avg"])
-    # a direct round trip: state loaded before the hook is built is applied at setup
-    fresh = DesignerHook(again)
+                assert torch.equal(value, d[key]), (part, key)
+    optimizer_a, optimizer_b = a["core"]["optimizer"], b["core"]["optimizer"]
+    for pid, state in optimizer_a["state"].items():
+        assert torch.equal(state["exp_avg"], optimizer_b["state"][pid]["exp_avg"])
+    # a direct round trip: a hook built by the trainer (setup) takes the saved state
+    fresh = VisionDesignerHook(again)
+    Trainer(again, hooks=[fresh])
     fresh.load_state_dict(hook.state_dict())
-    fresh.setup(Trainer(again))
     for key, value in params_of(hook.designer).items():
         assert torch.equal(value, params_of(fresh.designer)[key]), key
-    assert fresh.predicted == hook.predicted and fresh.meta_steps == hook.meta_steps
+    assert fresh.core.calibration.predicted == hook.core.calibration.predicted
+    assert fresh.core.meta_steps == hook.core.meta_steps
 
 
 def test_pearson_r():
@@ -184,27 +188,26 @@ def test_pearson_r():
     ("designer.kind=augment",),
     ("designer.kind=token_mask",),
     ("value.method=jvp",),
-    ("value.method=exact", "designer.apply_to_teacher=true"),
+    ("value.method=exact", "designer.mask.apply_to_teacher=true"),
     ("value.batch_size=3", "value.recompute=true"),
     ("designer.kind=augment", "designer.teacher_gradient=true"),
     ("designer.kind=augment", "designer.teacher_gradient=true", "value.recompute=true"),
-    ("designer.apply_to_teacher=true", "designer.teacher_gradient=true", "value.batch_size=3"),
+    ("designer.mask.apply_to_teacher=true", "designer.teacher_gradient=true", "value.batch_size=3"),
 ])
 def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
     cfg = vcfg(tmp_path, "train.steps=1", *overrides)
-    hook, capture = DesignerHook(cfg), Capture()
+    hook, capture = VisionDesignerHook(cfg), Capture()
     trainer = Trainer(cfg, hooks=[hook, capture])
-    hook.setup(trainer)
     start = params_of(hook.designer)
     assert trainer.train_step(first_batch(trainer)) is not None
-    assert hook.meta_steps == 1 and math.isfinite(hook.last_v)
+    assert hook.core.meta_steps == 1 and math.isfinite(hook.core.last_value)
     assert capture.grads_none == [True]
     end = params_of(hook.designer)
     assert any(not torch.equal(start[k], end[k]) for k in start)
     task = capture.tasks[0]
     size = cfg.crops.global_crops_size
     assert task.student_global.shape == (task.n_global * task.batch_size, 3, size, size)
-    if cfg.designer.apply_to_teacher:
+    if cfg.designer.mask.apply_to_teacher:
         # the teacher sees the same designed views (the default task gives both the same input)
         assert torch.equal(task.teacher_global, task.student_global)
     if cfg.designer.kind == "token_mask":  # designed positions, the default's count per crop
@@ -218,25 +221,25 @@ def test_other_designers_and_estimators_take_a_meta_step(tmp_path, overrides):
 @pytest.mark.parametrize("augment_local", [True, False])
 def test_augmentation_designer_designs_local_crops(tmp_path, augment_local):
     cfg = vcfg(tmp_path, "train.steps=1", "designer.kind=augment",
-               f"designer.augment_local={str(augment_local).lower()}")
+               f"designer.augment.local={str(augment_local).lower()}")
     hook, _, default, task = default_and_designed(cfg)
     assert task.local.shape == default.local.shape
     assert torch.equal(task.local, default.local) is not augment_local
     assert ("local" in hook.designer) is augment_local
     if augment_local:  # the local designer was updated by the meta step as well
         assert hook.designer["local"].head.weight.grad is None  # grads cleared after the step
-        assert float(hook.optimizer.state[hook.designer["local"].head.weight]["step"]) == 1.0
+        assert float(hook.core.optimizer.state[hook.designer["local"].head.weight]["step"]) == 1.0
 
 
 def test_fixed_designer_control(tmp_path):
     """designer.fixed: the initial designer shapes the views, no meta step, no feedback."""
     hook, start, default, designed = default_and_designed(
         vcfg(tmp_path, "train.steps=3", "designer.fixed=true"))
-    assert hook.pools is None and hook.heads is None and hook.meta_steps == 0
+    assert hook.pools is None and hook.heads is None and hook.core.meta_steps == 0
     assert not torch.equal(designed.student_global, default.student_global)
     for key, value in params_of(hook.designer).items():
         assert torch.equal(value, start[key]), key
-    assert set(hook.state_dict()) == {"designer"}
+    assert set(hook.state_dict()) == {"core"} and set(hook.state_dict()["core"]) == {"designer"}
 
 
 def test_task_rows_and_concat(tmp_path):

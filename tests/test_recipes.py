@@ -8,7 +8,7 @@ import pathlib
 import pytest
 from omegaconf import OmegaConf
 
-from designers.config import V_CHOICES, VConfig
+from designers.vision.config import VConfig
 from dinov.config import ConfigError, load_config
 
 VISION = pathlib.Path("configs/vision")
@@ -19,7 +19,7 @@ REQUIRED = ["data.path=/data/imagenet/train", "model.weights=/w/backbone.pth",
 
 
 def load(path: pathlib.Path, *overrides: str) -> VConfig:
-    cfg = load_config(path, list(overrides), schema=VConfig, choices=V_CHOICES)
+    cfg = load_config(path, list(overrides), schema=VConfig)
     assert isinstance(cfg, VConfig)
     return cfg
 
@@ -45,8 +45,9 @@ def test_full_scale_recipe_and_twins(name: str) -> None:
     # published settings (docs/DESIGN.md section 3)
     assert main.designer.kind == "mask" and main.feedback.source == "real"
     assert 2e-6 <= main.optim.lr <= 5e-5 and 1.5e-4 <= main.designer.lr <= 8e-4
-    assert 0.4 <= main.designer.kappa <= 0.6 and 0.1 <= main.designer.lambda_sparsity <= 0.4
-    assert 0.04 <= main.designer.lambda_tv <= 0.16 and 2 <= main.value.align_last_n_blocks <= 4
+    mask = main.designer.mask
+    assert 0.4 <= mask.kappa <= 0.6 and 0.1 <= mask.lambda_sparsity <= 0.4
+    assert 0.04 <= mask.lambda_tv <= 0.16 and 2 <= main.value.align_last_n_blocks <= 4
     assert 16 <= main.feedback.meta_batch_size <= 64 and main.train.precision == "bf16"
     # V's meta batch is per GPU x world: at the 1024-image batch's 32 GPUs, in 16..64 too
     world = 1024 // main.data.batch_size

@@ -17,12 +17,12 @@ import torch
 from torch import Tensor
 
 from designers.value import (
-    aligned_parameters,
     directional_derivative,
     directional_derivative_split,
     grad_only_for,
     unit_direction,
 )
+from designers.vision.value import backbone_aligned_parameters as aligned_parameters
 from dinov.config import load_config
 from dinov.data.masking import sample_block_masks
 from dinov.train.meta_arch import SSLMetaArch, TeacherTargets
@@ -363,7 +363,7 @@ def test_designer_gradient_through_the_teacher_views(setup) -> None:
     (Sinkhorn-Knopp, the smoke config's centering) keep a graph; fd and jvp still agree
     with exact, and the teacher path changes the gradient."""
     from designers.config import ValueConfig
-    from designers.meta import designed_loss_derivative
+    from designers.vision.value import designed_loss_derivative
 
     meta, task, _ = setup
     assert meta.cfg.loss.centering == "sinkhorn_knopp"

@@ -53,8 +53,10 @@ sigmoid's flat tail lowers H, so the entropy reward cannot run away.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -69,8 +71,12 @@ from kornia.filters import gaussian_blur2d
 from kornia.geometry.transform import crop_and_resize
 from torch import Tensor, nn
 
+from designers.registry import Design, register_designer
+from designers.vision import VISION
+from designers.vision.config import AugmentDesignerConfig
 from dinov.config import CropsConfig
 from dinov.data.multicrop import blur_kernel_size
+from dinov.train.task import Task
 
 PARAM_NAMES: tuple[str, ...] = (
     "scale",
@@ -288,7 +294,7 @@ class AugmentationDesigner(nn.Module):
         return views, {**params, "flip": flip.float(), "raw_mean": raw_mean, "raw_std": raw_std,
                        "raw": raw}
 
-    def regulariser(
+    def penalty(
         self, params: dict[str, Tensor], lambda_prior: float = 1.0, lambda_entropy: float = 0.01
     ) -> Tensor:
         """Pull the predicted means toward DINO's defaults; reward the entropy of the drawn
@@ -306,3 +312,42 @@ class AugmentationDesigner(nn.Module):
         log_jacobian = F.logsigmoid(raw) + F.logsigmoid(-raw)
         entropy = (params["raw_std"].clamp_min(1e-12).log() + log_jacobian).mean()
         return lambda_prior * prior - lambda_entropy * entropy
+
+
+@register_designer("augment", VISION, AugmentDesignerConfig)
+class AugmentTaskDesigner(nn.ModuleDict):
+    """The augmentation designer on a DINO task: every global view (and, with
+    ``local``, every local crop) drawn from the source images, view-major; R = the mean
+    penalty of the draws.
+
+    A ``ModuleDict`` of :class:`AugmentationDesigner`: ``global`` (DINO's first global
+    view's ranges) and ``local``.
+    """
+
+    def __init__(self, cfg: AugmentDesignerConfig, *, crops: CropsConfig, **learner: Any) -> None:
+        views = {"global": AugmentationDesigner(crops, view="global1")}
+        if cfg.local:
+            views["local"] = AugmentationDesigner(crops, view="local")
+        super().__init__(views)
+        self.cfg, self.crops = cfg, crops
+
+    def design(self, inputs: Tensor, task: Task) -> Design:
+        source = inputs.to(task.student_global.device)
+        plan = [("global", self.crops.global_crops_size, task.n_global)]
+        if "local" in self and task.n_local > 0:
+            plan.append(("local", self.crops.local_crops_size, task.n_local))
+        views: dict[str, Tensor] = {}
+        draws: list[tuple[AugmentationDesigner, dict[str, Tensor]]] = []
+        for kind, size, n_views in plan:
+            outs = [self[kind](source, size) for _ in range(n_views)]
+            views[kind] = torch.cat([v for v, _ in outs])
+            draws += [(self[kind], params) for _, params in outs]
+        designed = dataclasses.replace(task, student_global=views["global"],
+                                       teacher_global=views["global"],
+                                       local=views.get("local", task.local))
+        return Design(designed, draws)
+
+    def regulariser(self, design: Design) -> Tensor:
+        cfg = self.cfg
+        return torch.stack([designer.penalty(params, cfg.lambda_prior, cfg.lambda_entropy)
+                            for designer, params in design.outputs]).mean()

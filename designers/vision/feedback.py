@@ -10,7 +10,7 @@ A designer (meta) step starts with two stages that live here:
 2. **compute g_down** (:func:`downstream_gradient_and_loss`):
    ``g_down = grad_{theta_S}(alpha_seg * L_seg + alpha_depth * L_depth)`` on a batch of the
    **meta pool**, only w.r.t. the aligned parameters ``theta_S`` (the last ViT blocks plus
-   the final norm, :func:`designers.value.aligned_parameters`, re-exported here), with
+   the final norm, :func:`designers.vision.value.backbone_aligned_parameters`), with
    the heads held fixed.
 
 Pools (:class:`FeedbackPools`) are two *disjoint* sets of labelled images. Sources:
@@ -41,10 +41,8 @@ per-image function, so ``g_down`` is the gradient of a well-defined loss and not
 changes. The backbone also runs in eval mode (no drop-path noise) for both stages; each
 module's previous training flag is restored afterwards.
 
-**Random-feedback control** (``mode="random"``): ``g_down`` is replaced by a Gaussian
-direction (per aligned parameter, drawn on the CPU from a seeded generator that advances
-every call, so each call gets a fresh direction) rescaled to the real ``g_down``'s global
-L2 norm. The real gradient is still computed, for its norm, so both modes cost the same.
+The random-feedback control (``feedback.mode=random``) replaces ``g_down`` by a random
+direction of the same norm in the modality-free core (:mod:`designers.meta`).
 """
 
 from __future__ import annotations
@@ -52,7 +50,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import itertools
-import math
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,8 +57,8 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from designers.value import aligned_parameters, grad_only_for  # shared with the value estimator
-from dinov.config import check_range
+from designers.value import grad_only_for
+from designers.vision.config import FeedbackConfig
 from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
 from dinov.distributed import all_gather_rows, all_reduce_mean, all_reduce_mean_list, is_distributed
@@ -82,7 +79,6 @@ __all__ = [
     "FeedbackConfig",
     "FeedbackHeads",
     "FeedbackPools",
-    "aligned_parameters",
     "downstream_gradient_and_loss",
     "downstream_loss",
     "feedback_losses",
@@ -93,72 +89,7 @@ __all__ = [
 # First synthetic scene index used for feedback images; pretraining uses 0..num_samples-1.
 FEEDBACK_INDEX_OFFSET = 10**9
 ADE20K_NUM_CLASSES = 150
-SOURCES = ("synthetic", "real")
-MODES = ("real", "random")
 POOLS = ("head", "meta")
-
-
-@dataclass
-class FeedbackConfig:
-    """Feedback pools, heads and g_down settings.
-
-    Pool sizes default to DESIGN.md's published ones (ADE20K 2,000 head + 512 meta,
-    NYUv2 512 + 128) for ``source="real"``; ``synthetic_*`` apply to ``source="synthetic"``,
-    where every scene carries both labels. ``seg_num_classes=None`` means the source's
-    class count (10 synthetic classes, 150 for ADE20K). ``mode="random"`` is the
-    random-feedback control (see the module docstring).
-    """
-
-    source: str = "synthetic"
-    ade20k_root: str | None = None
-    nyu_split_file: str | None = None
-    nyu_root: str | None = None  # default: the split file's folder
-    seg_head_pool: int = 2000
-    seg_meta_pool: int = 512
-    depth_head_pool: int = 512
-    depth_meta_pool: int = 128
-    synthetic_head_pool: int = 256
-    synthetic_meta_pool: int = 64
-    image_size: int = 224
-    alpha_seg: float = 1.0
-    alpha_depth: float = 1.0
-    seg_num_classes: int | None = None
-    depth_loss: str = "sigloss"
-    depth_head_mode: str = "bins"
-    depth_n_bins: int = 256
-    depth_layers: int = 1  # blocks feeding the depth head (with their CLS tokens)
-    depth_layer_set: str = "last"
-    min_depth: float = 1e-3
-    max_depth: float = 10.0
-    head_lr: float = 1e-3
-    head_weight_decay: float = 0.0
-    head_steps: int = 10  # head-fitting steps per meta step
-    head_warmup_steps: int = 0  # steps of the first fit (fresh heads); 0: head_steps
-    head_batch_size: int = 32
-    meta_batch_size: int = 32
-    seed: int = 0
-    mode: str = "real"
-
-    def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise ValueError(f"feedback.source must be one of {SOURCES}, got {self.source!r}")
-        if self.mode not in MODES:
-            raise ValueError(f"feedback.mode must be one of {MODES}, got {self.mode!r}")
-        if self.alpha_seg < 0 or self.alpha_depth < 0 or self.alpha_seg + self.alpha_depth == 0:
-            raise ValueError("feedback.alpha_seg/alpha_depth must be >= 0 and not both 0")
-        if self.head_steps < 1 or self.head_warmup_steps < 0:
-            raise ValueError(f"feedback.head_steps must be >= 1 and feedback.head_warmup_steps "
-                             f">= 0, got {self.head_steps} and {self.head_warmup_steps}")
-        for key in ("seg_head_pool", "seg_meta_pool", "depth_head_pool", "depth_meta_pool",
-                    "synthetic_head_pool", "synthetic_meta_pool", "image_size",
-                    "depth_n_bins", "depth_layers", "head_batch_size", "meta_batch_size"):
-            check_range(f"feedback.{key}", getattr(self, key), 1)
-        if self.seg_num_classes is not None:
-            check_range("feedback.seg_num_classes", self.seg_num_classes, 1)
-        check_range("feedback.min_depth", self.min_depth, 0.0, low_open=True)
-        check_range("feedback.max_depth", self.max_depth, self.min_depth, low_open=True)
-        check_range("feedback.head_lr", self.head_lr, 0.0, low_open=True)
-        check_range("feedback.head_weight_decay", self.head_weight_decay, 0.0)
 
 
 # ---------------------------------------------------------------------- pools
@@ -355,8 +286,8 @@ class FeedbackHeads(nn.Module):
     """The seg head on the last block's normed patch features and the depth head on
     ``depth_layers`` blocks' patch features + CLS tokens, plus their optimizer.
 
-    The optimizer (AdamW) and the random-feedback generator are part of
-    :meth:`state_dict` (through ``get_extra_state``), so a checkpoint resumes them.
+    The optimizer (AdamW) and the head-batch generator are part of :meth:`state_dict`
+    (through ``get_extra_state``), so a checkpoint resumes them.
     """
 
     def __init__(self, backbone: Backbone, cfg: FeedbackConfig, num_classes: int) -> None:
@@ -376,10 +307,9 @@ class FeedbackHeads(nn.Module):
         self.optimizer = torch.optim.AdamW(
             self.parameters(), lr=cfg.head_lr, weight_decay=cfg.head_weight_decay
         )
-        # Separate streams for head-pool sampling and random directions: the control run
-        # then samples exactly the same head batches as the real one.
+        # Its own stream (the random control's directions have another, in the core): the
+        # control run samples exactly the same head batches as the real one.
         self.sample_generator = torch.Generator().manual_seed(cfg.seed)
-        self.random_generator = torch.Generator().manual_seed(cfg.seed + 1)
         self.fit_steps = 0
 
     # -- checkpointing: the optimizer and generators travel inside the module's state_dict
@@ -387,14 +317,12 @@ class FeedbackHeads(nn.Module):
         return {
             "optimizer": self.optimizer.state_dict(),
             "sample_generator": self.sample_generator.get_state(),
-            "random_generator": self.random_generator.get_state(),
             "fit_steps": self.fit_steps,
         }
 
     def set_extra_state(self, state: dict[str, Any]) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         self.sample_generator.set_state(state["sample_generator"])
-        self.random_generator.set_state(state["random_generator"])
         self.fit_steps = int(state["fit_steps"])
 
     def fit(
@@ -522,16 +450,13 @@ def downstream_gradient_and_loss(
     batch: FeedbackBatch,
     aligned_params: Sequence[nn.Parameter],
     cfg: FeedbackConfig,
-    generator: torch.Generator | None = None,
 ) -> tuple[list[Tensor], Tensor]:
     """(g_down, L_down) from one forward on a meta batch.
 
     L_down = alpha_seg * L_seg + alpha_depth * L_depth (detached; the calibration's "before"
     value) and g_down = grad_{aligned_params} L_down as detached tensors shaped like
     ``aligned_params``. Heads and backbone run in eval mode and nothing of theirs changes
-    (no parameter, buffer or ``.grad``). With ``cfg.mode ==
-    "random"`` returns a seeded Gaussian direction of the same global norm, drawn from
-    ``generator`` (default: ``heads.random_generator``, which advances every call).
+    (no parameter, buffer or ``.grad``).
     """
     params = list(aligned_params)
     if not params:
@@ -547,14 +472,4 @@ def downstream_gradient_and_loss(
     # process). That is the whole batch's gradient for per-image means (seg CE with the
     # same valid-pixel count per share); for SigLoss, the mean of the shares' losses
     *reduced, total = all_reduce_mean_list([*(g.float() for g in g_down), total.detach().float()])
-    g_down = [g.to(p.dtype) for g, p in zip(reduced, params, strict=True)]
-    if cfg.mode == "real":
-        return g_down, total
-    norm = torch.sqrt(sum(g.double().square().sum() for g in g_down))  # type: ignore[arg-type]
-    gen = heads.random_generator if generator is None else generator
-    # Drawn on the CPU so a seed gives the same direction on every device.
-    noise = [torch.randn(p.shape, generator=gen, dtype=torch.float64) for p in params]
-    noise_norm = math.sqrt(sum(float(n.square().sum()) for n in noise))
-    scale = float(norm) / max(noise_norm, 1e-30)
-    random = [(n * scale).to(device=p.device, dtype=p.dtype) for n, p in zip(noise, params, strict=True)]
-    return random, total
+    return [g.to(p.dtype) for g, p in zip(reduced, params, strict=True)], total

@@ -1,4 +1,6 @@
-"""Mask designers: the published soft-mask U-Net and an iBOT token-mask designer.
+"""Mask designers: the published soft-mask U-Net and an iBOT token-mask designer, as
+networks (:class:`SoftMaskDesigner`, :class:`TokenMaskDesigner`) and as the registered
+task designers that apply them to a DINO task (``designer.kind=mask`` / ``token_mask``).
 
 :class:`SoftMaskDesigner` (DESIGN section 3, "the mask designer") predicts a soft mask
 μ ∈ [0, 1]^{H×W} per view with a small U-Net and returns the designed view
@@ -17,14 +19,20 @@ outputs do not depend on the rest of the meta batch.
 
 from __future__ import annotations
 
+import dataclasses
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from kornia.filters import gaussian_blur2d
 from torch import Tensor, nn
 
+from designers.registry import Design, register_designer
+from designers.vision import VISION
+from designers.vision.config import MaskDesignerConfig, TokenMaskDesignerConfig
 from dinov.data.masking import PatchMasks
+from dinov.train.task import Task
 
 
 def _conv_block(c_in: int, c_out: int) -> nn.Sequential:
@@ -113,7 +121,7 @@ class SoftMaskDesigner(nn.Module):
         return mu * views + (1.0 - mu) * blurred, mu
 
     @staticmethod
-    def regulariser(
+    def penalty(
         mu: Tensor, kappa: float = 0.5, lambda_sparsity: float = 0.2, lambda_tv: float = 0.08
     ) -> Tensor:
         """λ_s·(mean μ − κ)² + λ_tv·TV(μ); mean μ over the whole meta batch (DESIGN defaults)."""
@@ -195,3 +203,49 @@ class TokenMaskDesigner(nn.Module):
         # parenthesised: (soft - soft.detach()) is exactly 0, so the forward value is exactly hard
         straight_through = hard.to(soft.dtype) + (soft - soft.detach())
         return PatchMasks.from_masks(hard), straight_through
+
+
+# ----------------------------------------------------------------- task designers
+@register_designer("mask", VISION, MaskDesignerConfig)
+class SoftMaskTaskDesigner(SoftMaskDesigner):
+    """The soft-mask U-Net on the student's global views (and the teacher's with
+    ``apply_to_teacher``); R = the penalty of each mask it drew."""
+
+    def __init__(self, cfg: MaskDesignerConfig, **learner: Any) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    def design(self, inputs: Tensor, task: Task) -> Design:
+        views, mu = self(task.student_global)
+        teacher, masks = task.teacher_global, [mu]
+        if self.cfg.apply_to_teacher:
+            teacher, teacher_mu = self(task.teacher_global)
+            masks.append(teacher_mu)
+        return Design(dataclasses.replace(task, student_global=views, teacher_global=teacher),
+                      masks)
+
+    def regulariser(self, design: Design) -> Tensor:
+        cfg = self.cfg
+        terms = [self.penalty(mu, cfg.kappa, cfg.lambda_sparsity, cfg.lambda_tv)
+                 for mu in design.outputs]
+        total = terms[0]
+        for term in terms[1:]:
+            total = total + term
+        return total
+
+
+@register_designer("token_mask", VISION, TokenMaskDesignerConfig)
+class TokenMaskTaskDesigner(TokenMaskDesigner):
+    """Which patches iBOT masks (at the default task's per-crop counts); no regulariser:
+    the straight-through top-k keeps the mask ratio by construction."""
+
+    def __init__(self, cfg: TokenMaskDesignerConfig, *, patch_size: int, **learner: Any) -> None:
+        super().__init__(patch_size, temperature=cfg.temperature)
+
+    def design(self, inputs: Tensor, task: Task) -> Design:
+        counts = task.masks.masks.sum(1).float()
+        masks, soft = self(task.student_global, counts / task.masks.masks.shape[1])
+        return Design(dataclasses.replace(task, masks=masks, soft_masks=soft), soft)
+
+    def regulariser(self, design: Design) -> Tensor:
+        return design.outputs.new_zeros(())
