@@ -32,6 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dinov.checkpoint import atomic_torch_save, load_tensor_file
+from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig, save_config
 from dinov.models import Backbone, build_backbone, load_backbone_weights
 
@@ -201,6 +202,29 @@ def prepare_output_dir(output_dir: str | pathlib.Path,
             f"({error.strerror or type(error).__name__}); choose a writable directory"
         ) from None
     return out
+
+
+def cli_main(argv: list[str] | None, description: str, schema: type,
+             run: Callable[[Any], dict[str, Any]],
+             report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
+    """Every eval CLI's ``main``: parse ``--config FILE key=value ...`` into ``schema``,
+    ``run(cfg)``, print ``report(results)``; returns the results.
+
+    The one error path: a config error (unknown key, bad value, unwritable output_dir)
+    exits 2 and a missing data or weights file exits 1, each with one ``error:`` line
+    naming the key or file. Callers that want exceptions call ``run(cfg)`` directly.
+    """
+    cfg = parse_config(argv, description, schema=schema)
+    try:
+        results = run(cfg)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(2) from None
+    except FileNotFoundError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(report(results))
+    return results
 
 
 def write_run(output_dir: str | pathlib.Path, cfg: Any, results: dict[str, Any]) -> pathlib.Path:

@@ -55,14 +55,14 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, RandomSampler
 from tqdm import tqdm
 
-from dinov.cli import parse_config
-from dinov.config import ConfigError, ModelConfig
+from dinov.config import ConfigError, ModelConfig, check_choice
 from dinov.data.datasets import NYUDepthDataset, eigen_crop_mask
 from dinov.metrics import DEPTH_METRIC_NAMES, depth_errors, summarize_depth
 from dinov.models import Backbone
 from eval.common import (
     build_eval_backbone,
     cache_key,
+    cli_main,
     extract,
     files_digest,
     normalize,
@@ -168,24 +168,15 @@ class DepthEvalConfig:
     eval: DepthEvalOptions = field(default_factory=DepthEvalOptions)
 
 
-_CHOICES: dict[str, tuple[str, ...]] = {
-    "head.mode": HEAD_MODES,
-    "head.bin_norm": BIN_NORMS,
-    "head.layer_set": LAYER_SETS,
-    "loss.name": LOSSES,
-    "data.cache_dtype": tuple(CACHE_DTYPES),
-}
-
-
-def check_config(cfg: DepthEvalConfig) -> None:
-    """Value checks the schema's types cannot express; raises ConfigError naming the key."""
+def validate(cfg: DepthEvalConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
     if cfg.data.root is None:
         raise ConfigError("config key 'data.root' is required: the folder with the split files")
-    for key, allowed in _CHOICES.items():
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        if value not in allowed:
-            raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+    check_choice("head.mode", cfg.head.mode, HEAD_MODES)
+    check_choice("head.bin_norm", cfg.head.bin_norm, BIN_NORMS)
+    check_choice("head.layer_set", cfg.head.layer_set, LAYER_SETS)
+    check_choice("loss.name", cfg.loss.name, LOSSES)
+    check_choice("data.cache_dtype", cfg.data.cache_dtype, tuple(CACHE_DTYPES))
     if not 0 < cfg.data.min_depth < cfg.data.max_depth:
         raise ConfigError("config keys 'data.min_depth' < 'data.max_depth' must both be > 0")
     minimums = {
@@ -204,17 +195,6 @@ def check_config(cfg: DepthEvalConfig) -> None:
         raise ConfigError(f"config key 'train.lr' must be > 0, got {cfg.train.lr}")
     if not 0.0 <= cfg.loss.variance_focus <= 1.0:
         raise ConfigError("config key 'loss.variance_focus' must be in [0, 1]")
-
-
-def parse_args(argv: list[str] | None) -> DepthEvalConfig:
-    cfg = parse_config(argv, "NYUv2 depth evaluation of a frozen backbone (linear head).",
-                       schema=DepthEvalConfig)
-    try:
-        check_config(cfg)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cfg
 
 
 def resolve_device(name: str) -> torch.device:
@@ -602,6 +582,7 @@ def build_head(cfg: DepthEvalConfig, in_dim: int, device: torch.device) -> Linea
 
 def run(cfg: DepthEvalConfig) -> dict[str, Any]:
     """The whole evaluation: features, head training, test metrics; writes the outputs."""
+    validate(cfg)
     prepare_output_dir(cfg.output_dir)
     seed_all(cfg.seed)
     device = resolve_device(cfg.device)
@@ -633,26 +614,19 @@ def run(cfg: DepthEvalConfig) -> dict[str, Any]:
     return results
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_args(argv)
-    try:
-        results = run(cfg)  # checks the output_dir before any work
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+def report(results: dict[str, Any]) -> str:
     summary = ", ".join(f"{k} {results[k]:.4f}" for k in DEPTH_METRIC_NAMES)
-    print(f"depth ({results['num_images']} test images): {summary}")
-    print(f"train-mean baseline: rmse {results['baseline_train_mean']['rmse']:.4f}")
-    print(f"wrote {pathlib.Path(cfg.output_dir) / 'results.json'}")
-    return results
+    return (f"depth ({results['num_images']} test images): {summary}\n"
+            f"train-mean baseline: rmse {results['baseline_train_mean']['rmse']:.4f}")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli_main(argv, "NYUv2 depth evaluation of a frozen backbone (linear head).",
+                    DepthEvalConfig, run, report)
 
 
 if __name__ == "__main__":
     from dinov.cli import setup_logging
 
     setup_logging()
-    try:
-        main()
-    except (FileNotFoundError, ValueError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
+    main()

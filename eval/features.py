@@ -29,7 +29,6 @@ import os
 import pathlib
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,6 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader
 
-from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import LabelledImageFolder
 from dinov.models import Backbone
@@ -49,7 +47,6 @@ from eval.common import (
     files_digest,
     load_cache,
     normalize,
-    prepare_output_dir,
     save_cache,
 )
 
@@ -146,39 +143,6 @@ def check_config(data: ImageFolderDataConfig, features: FeatureConfig) -> None:
         minimum = 1 if key == "batch_size" else 0
         if getattr(data, key) < minimum:
             raise ConfigError(f"config key 'data.{key}' must be >= {minimum}")
-
-
-def parse_eval_config(
-    argv: list[str] | None, description: str, schema: type,
-    check: Callable[[Any], None] | None = None,
-) -> Any:
-    """:func:`dinov.cli.parse_config`, :func:`check_config`, the CLI's own ``check`` (raising
-    ConfigError) and :func:`eval.common.prepare_output_dir`; a bad value or an unwritable
-    ``output_dir`` exits with status 2 and one message, before any work.
-    """
-    cfg = parse_config(argv, description, schema=schema)
-    try:
-        check_config(cfg.data, cfg.features)
-        if check is not None:
-            check(cfg)
-        prepare_output_dir(cfg.output_dir)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    return cfg
-
-
-def run_cli(main: Callable[[], Any]) -> None:
-    """``__main__`` entry: a missing data/weights file ends in one ``error:`` line, exit 1.
-
-    ``main()`` itself raises (FileNotFoundError naming the config key and path) so that
-    callers and tests see the exception; only the shell gets the short form.
-    """
-    try:
-        main()
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
 
 
 def resolve_device(name: str) -> torch.device:

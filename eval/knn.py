@@ -15,17 +15,16 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import knn_classify, topk_accuracy
-from eval.common import seed_all, write_run
+from eval.common import cli_main, prepare_output_dir, seed_all, write_run
 from eval.features import (
     FeatureConfig,
     FeatureSet,
     ImageFolderDataConfig,
+    check_config,
     describe_features,
     load_imagefolder_features,
     model_summary,
-    parse_eval_config,
     resolve_device,
-    run_cli,
 )
 
 
@@ -51,7 +50,9 @@ class KnnEvalConfig:
     device: str = "auto"
 
 
-def check_knn(cfg: KnnEvalConfig) -> None:
+def validate(cfg: KnnEvalConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    check_config(cfg.data, cfg.features)
     if not cfg.knn.ks or min(cfg.knn.ks) < 1:
         raise ConfigError(
             f"config key 'knn.ks' must be a non-empty list of k >= 1, got {cfg.knn.ks}"
@@ -109,21 +110,27 @@ def plot_ks(results: dict[str, Any], path: Any) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg: KnnEvalConfig = parse_eval_config(
-        argv, "Weighted kNN evaluation of a frozen backbone on an ImageFolder train/val pair.",
-        KnnEvalConfig, check_knn,
-    )
+def run(cfg: KnnEvalConfig) -> dict[str, Any]:
+    """Validate, extract (or load) features, classify by kNN, write the run."""
+    validate(cfg)
+    out = prepare_output_dir(cfg.output_dir)
     seed_all(cfg.seed)
     fs = load_imagefolder_features(cfg.model, cfg.data, cfg.features, resolve_device(cfg.device))
     results = run_knn(cfg, fs)
     results["model"] = model_summary(cfg.model)
-    path = write_run(cfg.output_dir, cfg, results)
+    path = write_run(out, cfg, results)
     plot_ks(results, path.parent / "knn_k.png")
-    summary = "  ".join(f"k={k}: {v['top1']:.2f}" for k, v in results["per_k"].items())
-    print(f"knn top-1  {summary}  -> {path}")
     return results
 
 
+def report(results: dict[str, Any]) -> str:
+    return "knn top-1  " + "  ".join(f"k={k}: {v['top1']:.2f}" for k, v in results["per_k"].items())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli_main(argv, "Weighted kNN evaluation of a frozen backbone on an ImageFolder "
+                    "train/val pair.", KnnEvalConfig, run, report)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    main()

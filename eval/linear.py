@@ -16,17 +16,16 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import train_linear_probes
-from eval.common import seed_all, write_run
+from eval.common import cli_main, prepare_output_dir, seed_all, write_run
 from eval.features import (
     FeatureConfig,
     FeatureSet,
     ImageFolderDataConfig,
+    check_config,
     describe_features,
     load_imagefolder_features,
     model_summary,
-    parse_eval_config,
     resolve_device,
-    run_cli,
 )
 
 
@@ -59,7 +58,9 @@ class LinearEvalConfig:
     device: str = "auto"
 
 
-def check_linear(cfg: LinearEvalConfig) -> None:
+def validate(cfg: LinearEvalConfig) -> None:
+    """Raise ConfigError naming the first key whose value cannot work."""
+    check_config(cfg.data, cfg.features)
     heads = cfg.linear
     if not heads.lrs or min(heads.lrs) <= 0:
         raise ConfigError(
@@ -112,22 +113,28 @@ def plot_lrs(results: dict[str, Any], path: Any) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg: LinearEvalConfig = parse_eval_config(
-        argv, "Linear evaluation of a frozen backbone on an ImageFolder train/val pair.",
-        LinearEvalConfig, check_linear,
-    )
+def run(cfg: LinearEvalConfig) -> dict[str, Any]:
+    """Validate, extract (or load) features, train the head grid, write the run."""
+    validate(cfg)
+    out = prepare_output_dir(cfg.output_dir)
     seed_all(cfg.seed)
-    device = resolve_device(cfg.device)
-    fs = load_imagefolder_features(cfg.model, cfg.data, cfg.features, device)
+    fs = load_imagefolder_features(cfg.model, cfg.data, cfg.features, resolve_device(cfg.device))
     results = run_linear(cfg, fs)
     results["model"] = model_summary(cfg.model)
-    path = write_run(cfg.output_dir, cfg, results)
+    path = write_run(out, cfg, results)
     plot_lrs(results, path.parent / "linear_lr.png")
-    print(f"linear: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  "
-          f"(best lr {results['best_lr']:g}) -> {path}")
     return results
 
 
+def report(results: dict[str, Any]) -> str:
+    return (f"linear: top-1 {results['top1']:.2f}  top-5 {results['top5']:.2f}  "
+            f"(best lr {results['best_lr']:g})")
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    return cli_main(argv, "Linear evaluation of a frozen backbone on an ImageFolder train/val pair.",
+                    LinearEvalConfig, run, report)
+
+
 if __name__ == "__main__":
-    run_cli(main)
+    main()

@@ -51,7 +51,6 @@ from PIL import Image
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
-from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import RevisitedRetrievalDataset
 from dinov.metrics import RetrievalMetrics, revisited_map, similarity_ranks
@@ -59,6 +58,7 @@ from dinov.models import Backbone
 from eval.common import (
     build_eval_backbone,
     cache_key,
+    cli_main,
     extract,
     files_digest,
     load_cache,
@@ -437,21 +437,9 @@ def format_summary(results: dict[str, Any]) -> str:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(argv, "Revisited Oxford/Paris retrieval (mAP E/M/H) of a frozen backbone",
-                       schema=RetrievalConfig)
-    try:
-        results = run(cfg)  # validates the config and the output_dir before any work
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(format_summary(results))
-    print(f"wrote {pathlib.Path(cfg.output_dir) / 'results.json'}")
-    return results
+    return cli_main(argv, "Revisited Oxford/Paris retrieval (mAP E/M/H) of a frozen backbone",
+                    RetrievalConfig, run, format_summary)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except FileNotFoundError as error:  # missing data or weights: one line, not a traceback
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+    main()

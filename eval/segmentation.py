@@ -62,7 +62,6 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import ADE20KDataset
 from dinov.metrics import confusion_matrix, segmentation_metrics
@@ -70,6 +69,7 @@ from eval.common import (
     IMAGENET_MEAN,
     build_eval_backbone,
     cache_key,
+    cli_main,
     extract,
     files_digest,
     prepare_output_dir,
@@ -592,18 +592,13 @@ def run(cfg: SegmentationEvalConfig) -> dict[str, Any]:
     return results
 
 
+def report(results: dict[str, Any]) -> str:
+    return json.dumps({k: results[k] for k in ("miou", "aacc", "macc", "num_images")})
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    cfg = parse_config(argv, "Linear + BN segmentation head on a frozen backbone (ADE20K mIoU).",
-                       schema=SegmentationEvalConfig)
-    try:
-        validate(cfg)
-        results = run(cfg)
-    except (ConfigError, FileNotFoundError) as error:
-        # A wrong key or a missing dataset/weights path: one line naming it, no traceback.
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    print(json.dumps({k: results[k] for k in ("miou", "aacc", "macc", "num_images")}))
-    return results
+    return cli_main(argv, "Linear + BN segmentation head on a frozen backbone (ADE20K mIoU).",
+                    SegmentationEvalConfig, run, report)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pytest
@@ -201,10 +202,12 @@ def test_eigen_crop_ignores_pixels_outside_it():
     assert not torch.allclose(score(pred, depth, cfg)["rmse"], score(changed, depth, cfg)["rmse"])
 
 
-def test_missing_split_file_names_the_path(nyu, tmp_path):
+def test_missing_split_file_names_the_path(nyu, tmp_path, capsys):
     args = [f"data.root={nyu}", "data.test_split=missing.txt", f"output_dir={tmp_path}"]
-    with pytest.raises(FileNotFoundError, match=r"data\.test_split.*missing\.txt"):
+    with pytest.raises(SystemExit) as exit_info:
         main(args + SMALL_RUN)
+    assert exit_info.value.code == 1
+    assert re.search(r"data\.test_split.*missing\.txt", capsys.readouterr().err)
     with pytest.raises(SystemExit) as exit_info:
         main([f"data.root={nyu}", "head.mode=classes"])
     assert exit_info.value.code == 2

@@ -262,16 +262,29 @@ def test_linear_runs_reproduce(root, sources, tmp_path):
 # ------------------------------------------------------------------------------- errors
 
 
+def _missing_file_line(capsys, cli, argv) -> str:
+    """A missing data or weights file: exit 1 and one ``error:`` line (eval.common.cli_main)."""
+    with pytest.raises(SystemExit) as info:
+        cli(argv)
+    assert info.value.code == 1
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), lines
+    return lines[0]
+
+
 def test_missing_data_is_a_clear_error(root, tmp_path, capsys):
     missing = tmp_path / "no_such_imagenet"
     base = ["--config", "configs/eval/knn.yaml", *FAST, f"output_dir={tmp_path / 'o'}"]
+    assert f"data.root: {missing} does not exist" in _missing_file_line(
+        capsys, knn.main, [*base, f"data.root={missing}"])
+    assert "has no 'test' folder" in _missing_file_line(
+        capsys, linear.main, [*base[:1], "configs/eval/linear.yaml", *base[2:],
+                              f"data.root={root}", "data.val_split=test"])
+    assert "model.weights: file not found" in _missing_file_line(
+        capsys, knn.main, [*base, f"data.root={root}", f"model.weights={tmp_path / 'w.pth'}"])
     with pytest.raises(FileNotFoundError, match=f"data.root: {missing} does not exist"):
-        knn.main([*base, f"data.root={missing}"])
-    with pytest.raises(FileNotFoundError, match="has no 'test' folder"):
-        linear.main([*base[:1], "configs/eval/linear.yaml", *base[2:], f"data.root={root}",
-                     "data.val_split=test"])
-    with pytest.raises(FileNotFoundError, match="model.weights: file not found"):
-        knn.main([*base, f"data.root={root}", f"model.weights={tmp_path / 'w.pth'}"])
+        knn.run(knn.KnnEvalConfig(data=knn.ImageFolderDataConfig(root=str(missing)),
+                                  output_dir=str(tmp_path / "o")))  # the typed API raises
     with pytest.raises(SystemExit) as info:
         knn.main(base)  # data.root is null in the YAML
     assert info.value.code == 2 and "'data.root' is required" in capsys.readouterr().err

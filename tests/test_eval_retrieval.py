@@ -217,11 +217,13 @@ def test_query_is_cropped_to_bbx(roxford, tmp_path):
     assert db[0][1].shape == (3, 48, 48)  # smaller images are not enlarged by default
 
 
-def test_missing_ground_truth_names_the_file(tmp_path):
+def test_missing_ground_truth_names_the_file(tmp_path, capsys):
     (tmp_path / "jpg").mkdir()
-    with pytest.raises(FileNotFoundError, match=r"gnd_roxford5k\.pkl") as info:
+    with pytest.raises(SystemExit) as info:
         run(tmp_path / "out", tmp_path)
-    assert str(tmp_path) in str(info.value)
+    assert info.value.code == 1
+    err = capsys.readouterr().err
+    assert "gnd_roxford5k.pkl" in err and str(tmp_path) in err
 
 
 def test_bad_config_value_exits_with_the_key(roxford, tmp_path, capsys):

@@ -26,7 +26,7 @@ import eval.depth as depth
 import eval.features as features_mod
 import eval.retrieval as retrieval
 import eval.segmentation as segmentation
-from dinov.config import ConfigError, ModelConfig
+from dinov.config import ConfigError, ModelConfig, load_config
 from dinov.data.datasets import (
     ADE20KDataset,
     LabelledImageFolder,
@@ -364,9 +364,11 @@ def test_missing_nyu_test_file_is_an_error_before_training(layouts, tmp_path, mo
     missing = root / lines[1].split()[1]
     missing.unlink()
     monkeypatch.setattr(depth, "build_eval_backbone", never("build_eval_backbone"))
+    cfg = load_config(None, [f"data.root={root}", f"output_dir={tmp_path / 'out'}",
+                             "data.num_workers=0"], schema=depth.DepthEvalConfig)
     with pytest.raises(FileNotFoundError,
                        match=rf"nyu_test\.txt:2: depth map {re.escape(str(missing))} does not exist"):
-        depth.main([f"data.root={root}", f"output_dir={tmp_path / 'out'}", "data.num_workers=0"])
+        depth.run(cfg)
     rgb = root / lines[0].split()[0]
     rgb.unlink()
     with pytest.raises(FileNotFoundError, match=rf":1: rgb image {re.escape(str(rgb))} does not"):

@@ -276,7 +276,7 @@ def _dist_worker(rank: int, init_file: str, out_dir: str) -> None:
 
 def test_distributed_matches_single_process(tmp_path: Path) -> None:
     mp.spawn(_dist_worker, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2)
-    ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
     whole_dino = sinkhorn_knopp_teacher(DIST_DINO, 0.1)
     torch.testing.assert_close(torch.cat([r["dino_sk"] for r in ranks]), whole_dino)
     whole_patch = IBOTPatchLoss(out_dim=5).teacher_probs(DIST_PATCH, 0.1, "sinkhorn_knopp")

@@ -251,7 +251,10 @@ def test_cli_trains_upernet_config_and_resumes(
     assert run.returncode == 0, run.stderr[-3000:]
     assert mmseg_main([str(config), "--work-dir", work, "--resume",
                        "--cfg-options", "train_cfg.max_iters=4"]) == 0
-    checkpoint = torch.load(tmp_path / "work/iter_4.pth", weights_only=False)
+    from eval.mmseg_backbone import checkpoint_safe_globals
+
+    with torch.serialization.safe_globals(checkpoint_safe_globals()):  # as our loader reads it
+        checkpoint = torch.load(tmp_path / "work/iter_4.pth", weights_only=True)
     assert checkpoint["meta"]["iter"] == 4  # resumed at 2, not restarted
     assert sorted(p.name for p in (tmp_path / "work").glob("iter_*.pth")) == ["iter_2.pth",
                                                                               "iter_4.pth"]
