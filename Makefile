@@ -18,9 +18,9 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 # Pretrains the small demo backbone once (cached in runs/demo), then the four-arm
-# V-pretraining comparison (designers/demo.py); results in runs/vdemo.
+# V-pretraining comparison (demo/vpretrain.py); results in runs/vdemo.
 demo: $(STAMP)
-	$(PY) -m designers.demo
+	$(PY) -m demo.vpretrain
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not mmseg and not gpu" tests

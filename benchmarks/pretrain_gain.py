@@ -17,15 +17,17 @@ import io
 import json
 import pathlib
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 import torch
 from omegaconf import OmegaConf
 
 import dinov  # noqa: F401  (torchvision shim first)
-from dinov.config import ModelConfig
+from dinov.config import ModelConfig, load_config
 from dinov.data.synthetic import write_layout
 from dinov.models import build_backbone
+from eval import depth, knn, linear, retrieval, segmentation
 from eval.common import resolve_model_config
 
 
@@ -46,34 +48,35 @@ def initial_backbone_file(checkpoint: pathlib.Path, out: pathlib.Path) -> tuple[
     return path, overrides
 
 
-def run_cli(module: str, args: list[str]) -> dict[str, Any]:
-    main = __import__(f"eval.{module}", fromlist=["main"]).main
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main(args)
-
-
 def eval_arms(data: pathlib.Path, out: pathlib.Path, arms: dict[str, list[str]]) -> dict[str, dict]:
-    jobs = {
-        "linear": ("linear", [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
-                              "data.num_workers=0", "linear.epochs=30", "linear.batch_size=128"],
+    """Every eval pipeline's typed ``run(cfg)`` on every arm's backbone."""
+    jobs: dict[str, tuple[Callable[[Any], dict], type, list[str], Callable[[dict], dict]]] = {
+        "linear": (linear.run, linear.LinearEvalConfig,
+                   [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
+                    "data.num_workers=0", "linear.epochs=30", "linear.batch_size=128"],
                    lambda r: {"linear_top1": r["top1"]}),
-        "knn": ("knn", [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
-                        "data.num_workers=0"], lambda r: {"knn_top1": r["top1"]}),
-        "segmentation": ("segmentation", [f"data.root={data / 'ade'}", "data.num_classes=10", "data.image_size=48",
-                                      "data.num_workers=0", "train.iterations=600", "train.warmup_iters=50",
-                                      "train.augment=false", "inference.mode=resize"],
-                     lambda r: {"seg_miou": r["miou"], "seg_aacc": r["aacc"], "seg_macc": r["macc"]}),
-        "depth": ("depth", [f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
-                                 "train.iterations=600", "train.lr=1e-3", "train.warmup_iters=50"],
-                       lambda r: {f"depth_{k}": r[k] for k in ("rmse", "abs_rel", "log10", "d1")}),
-        "retrieval": ("retrieval", [f"data.root={data / 'rox'}", "data.image_size=48",
-                                          "data.num_workers=0"],
-                            lambda r: {f"retrieval_map_{k}": v for k, v in r["map"].items()}),
+        "knn": (knn.run, knn.KnnEvalConfig,
+                [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
+                 "data.num_workers=0"], lambda r: {"knn_top1": r["top1"]}),
+        "segmentation": (segmentation.run, segmentation.SegmentationEvalConfig,
+                         [f"data.root={data / 'ade'}", "data.num_classes=10", "data.image_size=48",
+                          "data.num_workers=0", "train.iterations=600", "train.warmup_iters=50",
+                          "train.augment=false", "inference.mode=resize"],
+                         lambda r: {"seg_miou": r["miou"], "seg_aacc": r["aacc"], "seg_macc": r["macc"]}),
+        "depth": (depth.run, depth.DepthEvalConfig,
+                  [f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
+                   "train.iterations=600", "train.lr=1e-3", "train.warmup_iters=50"],
+                  lambda r: {f"depth_{k}": r[k] for k in ("rmse", "abs_rel", "log10", "d1")}),
+        "retrieval": (retrieval.run, retrieval.RetrievalConfig,
+                      [f"data.root={data / 'rox'}", "data.image_size=48", "data.num_workers=0"],
+                      lambda r: {f"retrieval_map_{k}": v for k, v in r["map"].items()}),
     }
     results: dict[str, dict] = {}
-    for module, args, pick in jobs.values():
+    for name, (run, schema, args, pick) in jobs.items():
         for arm, model_args in arms.items():
-            result = run_cli(module, [*args, *model_args, f"output_dir={out / arm / module}"])
+            cfg = load_config(None, [*args, *model_args, f"output_dir={out / arm / name}"],
+                              schema=schema)
+            result = run(cfg)
             for metric, value in pick(result).items():
                 results.setdefault(metric, {})[arm] = round(float(value), 3)
     return results

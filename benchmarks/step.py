@@ -1,8 +1,10 @@
 """Step-time benchmark: the full DINO + iBOT + KoLeo learner step against its backbone floor.
 
-Prints one JSON line. All timings are medians over repeated steps in this one process, on
-the same pre-built crops (multicrop augmentation is timed separately, because it is data
-loading work that can overlap the step).
+Prints one JSON line. The variants run in turns, one round after another in this one
+process (benchmarks/timing.py), on the same pre-built crops (multicrop augmentation is
+timed separately, because it is data loading work that can overlap the step); each ratio
+is the median of the per-round ratios, with its 25th/75th percentiles, and times are
+medians.
 
 - ``full``: ``Trainer.learner_step``: teacher forward + heads + centering/Sinkhorn, student
   forward on global (masked) and local crops + heads, DINO/iBOT/KoLeo losses, backward,
@@ -17,7 +19,7 @@ matrix products are part of the method, not overhead, and their share shrinks wi
 backbone: with 65536 prototypes they are about a quarter of ViT-S/14's FLOPs but a few
 percent of ViT-L's, so the default preset is the published ViT-L setting.
 
-Usage: ``python benchmarks/step.py [--preset vitl16|vits14|cpu-small] [--steps N] [key=value ...]``
+Usage: ``python benchmarks/step.py [--preset vitl16|vits14|cpu-small] [--steps ROUNDS] [key=value ...]``
 """
 
 from __future__ import annotations
@@ -26,10 +28,10 @@ import argparse
 import json
 import statistics
 import sys
-import time
 from collections.abc import Callable
 
 import torch
+from timing import interleaved_rounds, ratio_summary
 
 import dinov  # noqa: F401  (torchvision shim first)
 from dinov.config import Config, load_config
@@ -55,29 +57,6 @@ PRESETS: dict[str, list[str]] = {
                   "crops.local_crops_number=4", "head.out_dim=1024", "head.ibot_out_dim=1024",
                   "head.hidden_dim=256", "head.bottleneck_dim=96"],
 }
-
-
-def _synchronize() -> None:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        torch.cuda.synchronize()
-
-
-def interleaved_medians(fns: dict[str, Callable[[], object]], steps: int,
-                        warmup: int) -> dict[str, float]:
-    """Median seconds of each function, timed in turns (A B C A B C ...) so that drift in a
-    shared machine's speed hits every variant alike."""
-    for _ in range(warmup):
-        for fn in fns.values():
-            fn()
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for _ in range(steps):
-        for name, fn in fns.items():
-            _synchronize()
-            start = time.perf_counter()
-            fn()
-            _synchronize()  # CUDA runs ahead of the host: time finished work
-            times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def make_task(cfg: Config, trainer: Trainer) -> tuple[Task, torch.Tensor, MultiCropAugmentation]:
@@ -119,20 +98,23 @@ def main() -> None:
     task, images, augment = make_task(cfg, trainer)
     sched = trainer.schedules.at(10)
     grid = trainer.model.backbone.patch_grid(cfg.crops.global_crops_size, cfg.crops.global_crops_size)
-    t = interleaved_medians({
+    times = interleaved_rounds({
         "full": lambda: trainer.learner_step(task, sched),
         "floor": floor_fn(trainer, task, student_only=False),
         "student": floor_fn(trainer, task, student_only=True),
         "augment": lambda: (augment(images), sample_block_masks(2 * images.shape[0], grid, cfg.masks)),
     }, args.steps, args.warmup)
-    full, floor, student, aug = t["full"], t["floor"], t["student"], t["augment"]
+    median = {name: statistics.median(values) for name, values in times.items()}
     print(json.dumps({
         "benchmark": "step", "preset": args.preset, "threads": torch.get_num_threads(),
-        "dino_step_over_floor": round(full / floor, 4),
-        "dino_step_over_student_backbone": round(full / student, 4),
-        "full_step_s": round(full, 4), "floor_s": round(floor, 4),
-        "student_backbone_s": round(student, 4), "augment_s": round(aug, 4),
-        "augment_over_full_step": round(aug / full, 4),
+        "rounds": args.steps,
+        # the full step does everything the floors do and more: a ratio below 1 is noise
+        **ratio_summary("dino_step_over_floor", times["full"], times["floor"], at_least_one=True),
+        **ratio_summary("dino_step_over_student_backbone", times["full"], times["student"],
+                        at_least_one=True),
+        "full_step_s": round(median["full"], 4), "floor_s": round(median["floor"], 4),
+        "student_backbone_s": round(median["student"], 4), "augment_s": round(median["augment"], 4),
+        **ratio_summary("augment_over_full_step", times["augment"], times["full"]),
     }))
     sys.stdout.flush()
 

@@ -1,7 +1,7 @@
 """Science benchmark: the V-pretraining demo's four-arm comparison repeated over seeds.
 
 ``python benchmarks/synthetic_gain.py --seeds 3 [--steps N] [key=value ...]`` runs
-:func:`designers.demo.run_demo` once per seed (seed k sets ``train.seed`` and
+:func:`demo.vpretrain.run_demo` once per seed (seed k sets ``train.seed`` and
 ``feedback.seed`` of every arm; the pretrained starting backbone in ``runs/demo`` is
 shared, as in continued pretraining) and prints one JSON line:
 
@@ -10,6 +10,8 @@ shared, as in continued pretraining) and prints one JSON line:
   depth RMSE, linear top-1 and calibration r;
 - ``gain_over_baseline.<arm>``: the per-seed differences to the baseline (seg and linear:
   arm - baseline; depth: baseline - arm, so positive is better everywhere), mean and std;
+- ``gains.png`` in ``--out``: each arm's difference from the baseline per metric, mean
+  with ± one standard deviation over the seeds;
 - ``designers.<arm>``: the learned designer's parameters on 64 fixed scenes (mean over
   seeds), next to ``known_good``: the scenes carry class identity in hue only, so the
   right augmentation keeps colour (grayscale 0, small hue shift) where DINO's default
@@ -31,7 +33,7 @@ import sys
 from typing import Any
 
 import dinov  # noqa: F401  (torchvision shim first)
-from designers.demo import ALL_ARMS, ARMS, DemoSettings, run_demo
+from demo.vpretrain import ALL_ARMS, ARMS, DemoSettings, plot_gains, run_demo
 
 METRICS = ("seg_miou", "depth_rmse", "linear_top1", "calibration_r")
 KNOWN_GOOD = {"grayscale": 0.0, "hue_jitter": 0.0,
@@ -89,6 +91,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                                 plots=seed == 0, arm_overrides=list(args.overrides), arms=arms)
         with contextlib.redirect_stdout(sys.stderr):  # stdout: the one JSON line
             runs.append(run_demo(settings))
+    plot_gains([run["arms"] for run in runs], args.out / "gains.png")  # error bars over seeds
     line = {"benchmark": "synthetic_gain", "seeds": args.seeds, "steps": args.steps, "arm_names": list(arms),
             "overrides": args.overrides, **summarise(runs),
             "wall_seconds": round(sum(r["wall_seconds"] for r in runs), 1)}

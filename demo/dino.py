@@ -1,5 +1,6 @@
-"""``make demo``: pretrain a small ViT with DINO/iBOT on synthetic scenes, then compare the
-online linear probe of the trained backbone with the same backbone at initialisation.
+"""``python -m demo.dino --config configs/demo.yaml``: pretrain a small ViT with DINO/iBOT on
+synthetic scenes, then compare the online linear probe of the trained backbone with the same
+backbone at initialisation.
 
 Prints a results table and leaves ``runs/demo/`` with ``results.json``, ``metrics.jsonl``,
 ``config.yaml``, checkpoints and the loss/probe plots.

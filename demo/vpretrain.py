@@ -1,15 +1,15 @@
-"""V-pretraining demo (``make demo``): ``python -m designers.demo [--steps N] [--seed S]``.
+"""V-pretraining demo (``make demo``): ``python -m demo.vpretrain [--steps N] [--seed S]``.
 
 (1) Pretrain the small plain-demo backbone once (``configs/demo.yaml``, cached under
 ``runs/demo``); (2) continue pretraining from its checkpoint with the same number of steps
-in four arms through :mod:`designers.train`'s machinery (Trainer + DesignerHook,
+in four arms through :mod:`designers.train`'s machinery (Trainer + VisionDesignerHook,
 ``configs/vdemo.yaml``): the baseline (``designer.kind=none``), the mask designer, the
 augmentation designer and the random-feedback control (augmentation designer,
 ``feedback.mode=random``); (3) evaluate each arm's frozen final backbone with the
 ``eval/`` segmentation, depth and linear CLIs (small budgets, synthetic scenes written
 once in the real layouts under ``runs/vdemo/data``); (4) print one table and write
-``results.json`` plus PNGs (designed masks/views, calibration scatter, metric bars,
-loss curves) under ``runs/vdemo``.
+``results.json`` plus PNGs (designed masks/views, calibration scatter, each arm's
+difference from the baseline, loss curves) under ``runs/vdemo``.
 """
 
 from __future__ import annotations
@@ -28,13 +28,14 @@ from typing import Any
 import torch
 
 import dinov  # noqa: F401  (torchvision shim first)
-from designers.config import V_CHOICES, VConfig
-from designers.masks import SoftMaskDesigner
 from designers.train import run as run_arm
-from designers.views import AugmentationDesigner
+from designers.vision.augment import AugmentationDesigner
+from designers.vision.config import VConfig, load_vconfig
+from designers.vision.masks import SoftMaskDesigner
 from dinov.checkpoint import load_checkpoint
 from dinov.config import Config, load_config, to_yaml
 from dinov.train.trainer import Trainer
+from eval import depth, linear, segmentation
 
 # arm name -> (designer.kind, feedback.mode, further overrides). The random-feedback
 # control runs the augmentation designer: the designer that can change what the learner
@@ -121,10 +122,10 @@ def pretrain(s: DemoSettings) -> pathlib.Path:
 def arm_config(s: DemoSettings, arm: str, weights: pathlib.Path) -> VConfig:
     """The continued-pretraining config of one arm."""
     kind, mode, extra = ALL_ARMS[arm]
-    cfg = load_config(str(s.config), [
+    cfg = load_vconfig(str(s.config), [
         f"output_dir={s.out / arm}", f"model.weights={weights}", "model.weights_format=ours",
         f"train.steps={s.steps}", f"designer.kind={kind}", f"feedback.mode={mode}",
-        f"train.seed={s.seed}", f"feedback.seed={s.seed}", *extra, *s.arm_overrides], schema=VConfig, choices=V_CHOICES)
+        f"train.seed={s.seed}", f"feedback.seed={s.seed}", *extra, *s.arm_overrides])
     assert isinstance(cfg, VConfig)
     return cfg
 
@@ -165,30 +166,28 @@ def write_eval_data(s: DemoSettings) -> pathlib.Path:
     return root
 
 
-def run_cli(module: str, args: list[str]) -> dict[str, Any]:
-    """Call ``eval.<module>.main(args)`` in-process with its stdout swallowed."""
-    main = __import__(f"eval.{module}", fromlist=["main"]).main
-    with contextlib.redirect_stdout(io.StringIO()):
-        return main(args)
-
-
 def evaluate(s: DemoSettings, data: pathlib.Path, checkpoint: str, out: pathlib.Path) -> dict[str, float]:
-    """Linear probe, segmentation and depth of one frozen backbone (small budgets)."""
+    """Linear probe, segmentation and depth of one frozen backbone (small budgets), through
+    each eval pipeline's typed ``run(cfg)``."""
     model = [f"model.weights={checkpoint}", "model.weights_format=ours"]
     warm = min(s.eval_warmup, max(s.eval_iterations - 1, 0))
-    linear = run_cli("linear", [f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32",
-                                "data.num_workers=0", f"linear.epochs={s.linear_epochs}",
-                                "linear.batch_size=128", *model, f"output_dir={out / 'linear'}"])
-    seg = run_cli("segmentation", [f"data.root={data / 'ade'}", "data.num_classes=10",
-                                   f"data.image_size={s.eval_size}", "data.num_workers=0",
-                                   f"train.iterations={s.eval_iterations}", f"train.warmup_iters={warm}",
-                                   "train.augment=false", "inference.mode=resize", *model,
-                                   f"output_dir={out / 'segmentation'}"])
-    depth = run_cli("depth", [f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
-                              f"train.iterations={s.eval_iterations}", "train.lr=1e-3",
-                              f"train.warmup_iters={warm}", *model, f"output_dir={out / 'depth'}"])
-    return {"seg_miou": float(seg["miou"]), "depth_rmse": float(depth["rmse"]),
-            "linear_top1": float(linear["top1"])}
+    linear_cfg = load_config(None, [
+        f"data.root={data / 'if'}", "data.resize_size=40", "data.image_size=32", "data.num_workers=0",
+        f"linear.epochs={s.linear_epochs}", "linear.batch_size=128", *model,
+        f"output_dir={out / 'linear'}"], schema=linear.LinearEvalConfig)
+    seg_cfg = load_config(None, [
+        f"data.root={data / 'ade'}", "data.num_classes=10", f"data.image_size={s.eval_size}",
+        "data.num_workers=0", f"train.iterations={s.eval_iterations}", f"train.warmup_iters={warm}",
+        "train.augment=false", "inference.mode=resize", *model,
+        f"output_dir={out / 'segmentation'}"], schema=segmentation.SegmentationEvalConfig)
+    depth_cfg = load_config(None, [
+        f"data.root={data / 'nyu'}", "data.num_workers=0", "train.precompute=true",
+        f"train.iterations={s.eval_iterations}", "train.lr=1e-3", f"train.warmup_iters={warm}",
+        *model, f"output_dir={out / 'depth'}"], schema=depth.DepthEvalConfig)
+    linear_top1 = float(linear.run(linear_cfg)["top1"])  # the order the demo always ran
+    seg_miou = float(segmentation.run(seg_cfg)["miou"])
+    depth_rmse = float(depth.run(depth_cfg)["rmse"])
+    return {"seg_miou": seg_miou, "depth_rmse": depth_rmse, "linear_top1": linear_top1}
 
 
 # ----------------------------------------------------------------------------- designers
@@ -297,8 +296,8 @@ def format_table(rows: dict[str, dict[str, Any]]) -> str:
 
 
 def _hook_state(checkpoint: str) -> dict[str, Any]:
-    hooks = load_checkpoint(checkpoint).get("hooks") or [{}]
-    return hooks[0]
+    """The designer hook's meta core state in a checkpoint ({} for the baseline)."""
+    return load_checkpoint(checkpoint)["hooks"].get("designer", {}).get("core", {})
 
 
 def plot_designs(s: DemoSettings, arms: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
@@ -351,8 +350,8 @@ def plot_calibration(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> Non
     names = [a for a in arms if "calibration_r" in arms[a]]  # arms that took meta steps
     fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.6), squeeze=False)
     for ax, arm in zip(axes[0], names, strict=True):
-        state = _hook_state(arms[arm]["checkpoint"])
-        pred, real = state.get("predicted", []), state.get("realised", [])
+        calibration = _hook_state(arms[arm]["checkpoint"]).get("calibration", {})
+        pred, real = calibration.get("predicted", []), calibration.get("realised", [])
         ax.scatter(pred, real, s=10, alpha=0.7)
         r = arms[arm].get("calibration_r", math.nan)
         ax.set_title(f"{arm}: r = {r:+.2f} (n = {len(pred)})", fontsize=9)
@@ -366,17 +365,31 @@ def plot_calibration(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> Non
     plt.close(fig)
 
 
-def plot_metrics(arms: dict[str, dict[str, Any]], path: pathlib.Path) -> None:
-    """Bars of seg mIoU, depth RMSE and linear top-1 per arm."""
+GAIN_METRICS = (("seg_miou", "seg mIoU − baseline (↑ better)"),
+                ("depth_rmse", "depth RMSE − baseline (↓ better)"),
+                ("linear_top1", "linear top-1 − baseline (↑ better)"))
+
+
+def plot_gains(runs: list[dict[str, dict[str, Any]]], path: pathlib.Path) -> None:
+    """Each designed arm's difference from the baseline, per metric: the mean over the
+    runs (seeds) with ± one standard deviation as error bars (none for one seed)."""
+    import statistics
+
     import matplotlib.pyplot as plt
 
-    keys = (("seg_miou", "seg mIoU ↑"), ("depth_rmse", "depth RMSE ↓"), ("linear_top1", "linear top-1 ↑"))
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3.4))
-    for ax, (key, title) in zip(axes, keys, strict=True):
-        ax.bar(list(arms), [float(arms[a].get(key, math.nan)) for a in arms],
-               color=["grey", "tab:blue", "tab:orange", "tab:red", "tab:green"][: len(arms)])
-        ax.set_title(title, fontsize=10)
+    arms = [a for a in runs[0] if a != "baseline"]
+    fig, axes = plt.subplots(1, len(GAIN_METRICS), figsize=(4 * len(GAIN_METRICS), 3.4))
+    for ax, (key, title) in zip(axes, GAIN_METRICS, strict=True):
+        diffs = [[float(run[a][key]) - float(run["baseline"][key]) for run in runs] for a in arms]
+        means = [statistics.fmean(d) for d in diffs]
+        errors = [statistics.stdev(d) if len(d) > 1 else 0.0 for d in diffs]
+        ax.bar(arms, means, yerr=errors if len(runs) > 1 else None, capsize=4,
+               color=["tab:blue", "tab:orange", "tab:red", "tab:green"][: len(arms)])
+        ax.axhline(0.0, color="black", lw=0.8)
+        ax.set_title(title, fontsize=9)
         ax.tick_params(axis="x", labelsize=8)
+    seeds = f"mean ± std over {len(runs)} seeds" if len(runs) > 1 else "one seed"
+    fig.suptitle(f"difference from the baseline arm ({seeds})", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -421,7 +434,7 @@ def run_demo(s: DemoSettings) -> dict[str, Any]:
     if s.plots:
         for name, fn in (("designs.png", lambda p: plot_designs(s, arms, p)),
                          ("calibration.png", lambda p: plot_calibration(arms, p)),
-                         ("metrics.png", lambda p: plot_metrics(arms, p)),
+                         ("gains.png", lambda p: plot_gains([arms], p)),
                          ("curves.png", lambda p: plot_curves(s, arms, p))):
             fn(s.out / name)
             pngs.append(str(s.out / name))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import pathlib
 
-from designers.demo import ARMS, DemoSettings, run_demo
+from demo.vpretrain import ARMS, DemoSettings, run_demo
 
 
 def test_vdemo_tiny(tmp_path: pathlib.Path) -> None:
@@ -34,7 +34,7 @@ def test_vdemo_tiny(tmp_path: pathlib.Path) -> None:
         if ARMS[arm][0] != "none":  # the baseline has no designer, so no calibration r
             assert math.isfinite(row["calibration_r"]), arm
     assert len(results["table"].splitlines()) == 2 + 4
-    for name in ("designs.png", "calibration.png", "metrics.png", "curves.png"):
+    for name in ("designs.png", "calibration.png", "gains.png", "curves.png"):
         assert (settings.out / name).stat().st_size > 0
     assert (settings.out / "results.json").is_file()
     designers = results["designers"]
