@@ -142,3 +142,18 @@ def test_cli_smoke_run(tmp_path):
     assert proc.returncode == 0, proc.stderr
     results = json.loads((tmp_path / "results.json").read_text())
     assert results["steps"] == 20 and results["probe_top1_final"] is not None
+
+
+def test_tensorboard_logs_the_metrics_rows_and_a_resume_purges_the_lost_ones(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["train.steps=6", "train.log_every=2", "train.checkpoint_every=2", "log.tensorboard=true"]
+    Trainer(smoke_cfg(tmp_path, *args, "train.stop_at_step=4"), hooks=[_CountingHook()]).fit()
+    Trainer(smoke_cfg(tmp_path, *args, "train.resume=true"), hooks=[_CountingHook()]).fit()
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    for tag in ("loss", "lr", "counting/calls"):
+        logged = {(e.step, round(e.value, 5)) for e in events.Scalars(tag)}
+        expected = {(r["step"], round(r[tag], 5)) for r in rows if tag in r}
+        assert logged == expected, tag
