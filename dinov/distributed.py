@@ -184,6 +184,12 @@ def wrap_model(student: nn.ModuleDict, teacher: nn.ModuleDict, cfg: DistributedC
             _fully_shard_part(module, mesh, reshard_after_forward=None)
         for module in teacher.values():
             _fully_shard_part(module, mesh, reshard_after_forward=True)
+            if hasattr(module, "forward_intermediates"):
+                from torch.distributed.fsdp import register_fsdp_forward_method
+
+                # the teacher backbone's feature tap (the online probe's) gathers like
+                # forward; the student's is called inside full_parameters (the meta step)
+                register_fsdp_forward_method(module, "forward_intermediates")
         return
     device_ids = [device.index] if device.type == "cuda" else None
     for name in list(student.keys()):

@@ -36,9 +36,6 @@ from dinov.cli import parse_config
 from dinov.config import ConfigError, ModelConfig, save_config
 from dinov.models import Backbone, build_backbone, load_backbone_weights
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
 
 def _checkpoint_model_config(path: pathlib.Path) -> ModelConfig | None:
     """The ModelConfig saved in one of our training checkpoints, or None for other files.
@@ -82,14 +79,6 @@ def build_eval_backbone(cfg: ModelConfig, device: torch.device | str = "cpu") ->
     backbone.requires_grad_(False)
     backbone.cache_positions()  # frozen: one table resize per input grid, not per forward
     return backbone.eval().to(device)
-
-
-def normalize(images: Tensor, mean: Iterable[float] = IMAGENET_MEAN,
-              std: Iterable[float] = IMAGENET_STD) -> Tensor:
-    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the backbones were trained."""
-    mean_t = images.new_tensor(tuple(mean)).view(1, 3, 1, 1)
-    std_t = images.new_tensor(tuple(std)).view(1, 3, 1, 1)
-    return (images - mean_t) / std_t
 
 
 def cache_key(*parts: Any) -> str:

@@ -5,7 +5,7 @@
 The backbone comes from :func:`eval.common.build_eval_backbone` (a checkpoint of our
 trainer, an official DINOv2/DINOv3 file, or a timm name plus local weights; ``null`` =
 initialisation). This module owns the CLI's schema, data handling, the head's training
-loop and the evaluation; the head and losses live in :mod:`eval.depth_head`.
+loop and the evaluation; the head and losses live in :mod:`eval.heads`.
 
 Protocol (defaults = DINOv2 "lin. 4" / DINOv3 linear depth evaluation):
 
@@ -65,12 +65,11 @@ from eval.common import (
     cli_main,
     extract,
     files_digest,
-    normalize,
     prepare_output_dir,
     seed_all,
     write_run,
 )
-from eval.depth_head import (
+from eval.heads import (
     BIN_NORMS,
     HEAD_MODES,
     LAYER_SETS,
@@ -79,6 +78,7 @@ from eval.depth_head import (
     depth_loss,
     layer_indices,
     multilayer_features,
+    normalize,
     valid_depth_mask,
 )
 

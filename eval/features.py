@@ -46,9 +46,9 @@ from eval.common import (
     extract,
     files_digest,
     load_cache,
-    normalize,
     save_cache,
 )
+from eval.heads import normalize
 
 FEATURE_KINDS = ("cls", "cls_avgpool", "n_last_blocks")
 INTERPOLATIONS = ("bicubic", "bilinear")
@@ -245,7 +245,7 @@ def image_features(backbone: Backbone, images: Tensor, features: FeatureConfig) 
             f"features.n_last_blocks={n} but the backbone has {backbone.num_blocks} blocks"
         )
     # Each block's output goes through the final norm, as DINOv2's linear eval does.
-    outputs = backbone.get_intermediate_layers(images, n=n, norm=True)
+    outputs = backbone.forward_intermediates(images, n, norm=True)
     parts = [out.cls for out in outputs]
     if avgpool:
         parts.append(outputs[-1].patch.mean(dim=1))

@@ -15,7 +15,12 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import knn_classify, topk_accuracy
-from eval.common import cli_main, prepare_output_dir, seed_all, write_run
+from eval.common import (
+    cli_main,
+    prepare_output_dir,
+    seed_all,
+    write_run,
+)
 from eval.features import (
     FeatureConfig,
     FeatureSet,

@@ -16,7 +16,12 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import train_linear_probes
-from eval.common import cli_main, prepare_output_dir, seed_all, write_run
+from eval.common import (
+    cli_main,
+    prepare_output_dir,
+    seed_all,
+    write_run,
+)
 from eval.features import (
     FeatureConfig,
     FeatureSet,

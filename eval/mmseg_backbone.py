@@ -55,7 +55,6 @@ from torch import Tensor, nn
 from dinov import _compat  # noqa: F401  (mmcv/mmseg import torchvision: the shim runs first)
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import numpy_pickle_globals
-from dinov.models.backbone import TokenState
 from eval.common import build_eval_backbone, prepare_output_dir
 
 INSTALL_HINT = (
@@ -230,15 +229,6 @@ class VPretrainViT(BaseModule):
             self.backbone.eval()
         return self
 
-    def _feature_map(self, state: TokenState) -> Tensor:
-        """Patch tokens of ``state`` as a (B, D, h, w) map (prefix tokens dropped)."""
-        if self.norm:
-            patch = self.backbone.finalize(state).patch
-        else:
-            patch = state.x[:, self.backbone.num_prefix_tokens :]
-        h, w = state.grid
-        return patch.reshape(patch.shape[0], h, w, -1).permute(0, 3, 1, 2).contiguous()
-
     def forward(self, images: Tensor) -> tuple[Tensor, ...]:
         """(B, 3, H, W) normalised images -> one (B, D, ceil(H/p), ceil(W/p)) map per out index.
 
@@ -246,13 +236,9 @@ class VPretrainViT(BaseModule):
         """
         grad = contextlib.nullcontext() if not self.frozen else torch.no_grad()
         with grad:
-            state = self.backbone.prepare_tokens(images)
-            outputs, start = [], 0
-            for index in self.out_indices:
-                state = self.backbone.run_blocks(state, start, index + 1)
-                outputs.append(self._feature_map(state))
-                start = index + 1
-        return tuple(outputs)
+            outputs = self.backbone.forward_intermediates(images, self.out_indices, norm=self.norm,
+                                                         output_fmt="NCHW")
+        return tuple(out.patch for out in outputs)
 
 
 class BNHead(BaseDecodeHead):

@@ -62,12 +62,12 @@ from eval.common import (
     extract,
     files_digest,
     load_cache,
-    normalize,
     prepare_output_dir,
     save_cache,
     seed_all,
     write_run,
 )
+from eval.heads import normalize
 
 POOLINGS = ("cls", "gem")
 PRECISIONS = ("fp32", "bf16")

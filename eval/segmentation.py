@@ -5,7 +5,7 @@
 The backbone comes from any source :mod:`eval.common` understands (our trainer's
 checkpoint, teacher or student; an official DINOv2/DINOv3 file; a timm model name plus a
 local state dict; or ``model.weights=null`` for the architecture at initialisation).
-The head is :class:`eval.seg_head.LinearBNSegHead` on the normed patch tokens of the last
+The head is :class:`eval.heads.LinearBNSegHead` on the normed patch tokens of the last
 ``head.n_last_blocks`` blocks, concatenated (DINOv2's "linear" evaluation is n=1 with
 single-scale inference; its "+ms" variant is n=4 with multi-scale + flip inference).
 
@@ -66,7 +66,6 @@ from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import ADE20KDataset
 from dinov.metrics import confusion_matrix, segmentation_metrics
 from eval.common import (
-    IMAGENET_MEAN,
     build_eval_backbone,
     cache_key,
     cli_main,
@@ -77,7 +76,13 @@ from eval.common import (
     seed_all,
     write_run,
 )
-from eval.seg_head import LinearBNSegHead, backbone_feature_map, seg_loss, upsample_logits
+from eval.heads import (
+    IMAGENET_MEAN,
+    LinearBNSegHead,
+    backbone_feature_map,
+    seg_loss,
+    upsample_logits,
+)
 
 FeatureFn = Callable[[Tensor], Tensor]  # (B, 3, H, W) in [0, 1] -> (B, C, h, w)
 

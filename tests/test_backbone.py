@@ -182,12 +182,12 @@ def test_mask_token_gets_gradient_only_when_used_and_bad_masks_fail():
 
 # --------------------------------------------------------- intermediate layers
 @pytest.mark.parametrize("arch", [DINOV2_REG, DINOV3])
-def test_get_intermediate_layers(arch):
+def test_forward_intermediates(arch):
     backbone = tiny(arch)
     x = images(32, 45)
     with torch.no_grad():
-        outs = backbone.get_intermediate_layers(x, n=2)
-        raw = backbone.get_intermediate_layers(x, n=2, norm=False)
+        outs = backbone.forward_intermediates(x, 2)
+        raw = backbone.forward_intermediates(x, 2, norm=False)
         full = backbone(x)
         ref = backbone.model.forward_intermediates(
             x,
@@ -197,6 +197,7 @@ def test_get_intermediate_layers(arch):
             intermediates_only=True,
             return_prefix_tokens=True,
         )
+        picked = backbone.forward_intermediates(x, [0, -1], output_fmt="NCHW")
     assert len(outs) == 2 and len(raw) == 2
     torch.testing.assert_close(outs[-1].cls, full.cls, atol=0, rtol=0)
     torch.testing.assert_close(outs[-1].patch, full.patch, atol=0, rtol=0)
@@ -206,8 +207,18 @@ def test_get_intermediate_layers(arch):
     normed = backbone.model.norm(torch.cat([raw[0].cls[:, None], raw[0].patch], 1))
     torch.testing.assert_close(normed[:, 0], outs[0].cls, atol=1e-6, rtol=0)
     assert not torch.allclose(raw[0].patch, outs[0].patch)
+    # block 0 and the last one; NCHW maps are the NLC tokens reshaped, row-major
+    h, w = picked[1].grid
+    assert picked[1].patch.shape == (2, 32, h, w) and picked[1].patch.is_contiguous()
+    torch.testing.assert_close(picked[1].patch.flatten(2).transpose(1, 2), full.patch,
+                               atol=0, rtol=0)
+    assert backbone.block_indices([0, -1]) == [0, DEPTH - 1]
     with pytest.raises(ValueError):
-        backbone.get_intermediate_layers(x, n=DEPTH + 1)
+        backbone.forward_intermediates(x, DEPTH + 1)
+    with pytest.raises(ValueError, match="out of range"):
+        backbone.forward_intermediates(x, [DEPTH])
+    with pytest.raises(ValueError, match="output_fmt"):
+        backbone.forward_intermediates(x, 1, output_fmt="NHWC")
 
 
 # ---------------------------------------------------------------------- building

@@ -25,7 +25,7 @@ from dinov.metrics import DEPTH_METRIC_NAMES
 from dinov.models import build_backbone
 from eval.common import build_eval_backbone
 from eval.depth import DepthEvalConfig, main, score
-from eval.depth_head import (
+from eval.heads import (
     LinearDepthHead,
     bin_centers,
     decode_bins,

@@ -20,7 +20,6 @@ from dinov.data.synthetic import write_layout
 from dinov.metrics import knn_classify, topk_accuracy
 from dinov.models import Backbone, build_backbone
 from eval import knn, linear
-from eval.common import normalize
 from eval.features import (
     EvalTransform,
     FeatureConfig,
@@ -28,6 +27,7 @@ from eval.features import (
     image_features,
     load_imagefolder_features,
 )
+from eval.heads import normalize
 
 DIM = 32
 DINOV2 = ModelConfig(arch="vit_small_patch14_dinov2", img_size=28, embed_dim=DIM, depth=2,

@@ -25,7 +25,7 @@ from dinov.data.datasets import RevisitedRetrievalDataset, load_ground_truth
 from dinov.data.synthetic import write_layout
 from dinov.metrics import revisited_map, similarity_ranks
 from dinov.models import Backbone, build_backbone
-from eval.common import normalize
+from eval.heads import normalize
 
 DINOV2 = "vit_small_patch14_dinov2"
 DINOV3 = "vit_small_patch16_dinov3"

@@ -1,4 +1,4 @@
-"""ADE20K segmentation eval (``eval.segmentation``) and its reusable head (``eval.seg_head``).
+"""ADE20K segmentation eval (``eval.segmentation``) and its reusable head (``eval.heads``).
 
 Fixtures are tiny on purpose: synthetic scenes written in the real ADE20K layout at
 32 px, backbones with D=32, 2 blocks and 8 px patches (4x4 patch grids). The CLI runs end
@@ -21,8 +21,7 @@ import eval  # noqa: F401  (installs the torchvision shim before timm is importe
 from dinov.config import ModelConfig, load_config
 from dinov.data.synthetic import NUM_CLASSES, write_layout
 from dinov.models import build_backbone
-from eval.common import normalize
-from eval.seg_head import LinearBNSegHead, backbone_feature_map, seg_loss, upsample_logits
+from eval.heads import LinearBNSegHead, backbone_feature_map, normalize, seg_loss, upsample_logits
 from eval.segmentation import (
     AugmentedCrops,
     SegInferenceConfig,

@@ -24,7 +24,7 @@ from designers.vision.value import backbone_aligned_parameters as aligned_parame
 from dinov.config import load_config
 from dinov.data.synthetic import render_scenes, write_layout
 from dinov.models import Backbone, build_backbone
-from eval.seg_head import backbone_feature_map
+from eval.heads import backbone_feature_map
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SIZE = 32

@@ -18,7 +18,7 @@ from typing import Any, ClassVar
 from designers.config import DesignerConfig, ValueConfig
 from designers.registry import registered_designers
 from dinov.config import Config, ConfigError, check_choice, check_range, load_config
-from eval.depth_head import HEAD_MODES, LAYER_SETS, LOSSES
+from eval.heads import HEAD_MODES, LAYER_SETS, LOSSES
 
 FEEDBACK_SOURCES = ("synthetic", "real")
 FEEDBACK_MODES = ("real", "random")

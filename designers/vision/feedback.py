@@ -3,8 +3,8 @@
 A designer (meta) step starts with two stages that live here:
 
 1. **fit the feedback heads** (:meth:`FeedbackHeads.fit`): a linear+BN segmentation head
-   (:class:`eval.seg_head.LinearBNSegHead`, pixel cross-entropy) and a linear depth head
-   (:class:`eval.depth_head.LinearDepthHead`, SigLoss or L1) are trained for a few steps
+   (:class:`eval.heads.LinearBNSegHead`, pixel cross-entropy) and a linear depth head
+   (:class:`eval.heads.LinearDepthHead`, SigLoss or L1) are trained for a few steps
    on *frozen* backbone features (computed under ``no_grad``) of images from the **head
    pool**, with their own optimizer whose state persists across meta steps;
 2. **compute g_down** (:func:`downstream_gradient_and_loss`):
@@ -63,15 +63,16 @@ from dinov.data.datasets import ADE_IGNORE_INDEX, ADE20KDataset, NYUDepthDataset
 from dinov.data.synthetic import NUM_CLASSES, render_scenes
 from dinov.distributed import all_gather_rows, all_reduce_mean, all_reduce_mean_list, is_distributed
 from dinov.models import Backbone
-from eval.common import normalize
-from eval.depth_head import (
+from eval.heads import (
+    LinearBNSegHead,
     LinearDepthHead,
     depth_loss,
     layer_indices,
     multilayer_features,
+    normalize,
+    seg_loss,
     valid_depth_mask,
 )
-from eval.seg_head import LinearBNSegHead, seg_loss
 
 __all__ = [
     "FEEDBACK_INDEX_OFFSET",
@@ -366,8 +367,8 @@ def _features(backbone: Backbone, batch: FeedbackBatch, depth_blocks: list[int])
     """Feature maps for the heads; the trunk runs once per distinct image tensor.
 
     ``seg``: the last block's normed patch map (equal to
-    :func:`eval.seg_head.backbone_feature_map` with ``n_last_blocks=1``); ``depth`` /
-    ``depth_cls``: :func:`eval.depth_head.multilayer_features` of ``depth_blocks``.
+    :func:`eval.heads.backbone_feature_map` with ``n_last_blocks=1``); ``depth`` /
+    ``depth_cls``: :func:`eval.heads.multilayer_features` of ``depth_blocks``.
     """
     last = backbone.num_blocks - 1
     blocks = sorted(set(depth_blocks) | {last})

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import math
 import types
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -46,6 +47,7 @@ if TYPE_CHECKING:
     from dinov.config import ModelConfig
 
 ATTENTION_BACKENDS = ("sdpa", "xformers")
+OUTPUT_FORMATS = ("NLC", "NCHW")  # patch tokens of forward_intermediates
 # How a position table is resized to another grid. ``auto`` means: from the weights that
 # are loaded (dinov2 / dinov2_reg for official DINOv2 files, the recorded value for our
 # checkpoints, timm otherwise).
@@ -67,7 +69,7 @@ class BackboneOutput:
     """Features after the final norm: the cls token and the patch tokens (registers dropped)."""
 
     cls: Tensor  # (B, D)
-    patch: Tensor  # (B, h*w, D)
+    patch: Tensor  # (B, h*w, D); (B, D, h, w) from forward_intermediates(output_fmt="NCHW")
     grid: tuple[int, int]
 
 
@@ -299,32 +301,50 @@ class Backbone(nn.Module):
     def forward(self, images: Tensor, masks: Tensor | None = None) -> BackboneOutput:
         return self.finalize(self.run_blocks(self.prepare_tokens(images, masks)))
 
-    def get_intermediate_layers(
-        self, images: Tensor, n: int = 1, norm: bool = True
-    ) -> list[BackboneOutput]:
-        """Outputs of the last ``n`` blocks in block order (the last one equals ``forward``).
+    def block_indices(self, indices: int | Sequence[int]) -> list[int]:
+        """``indices`` as sorted 0-based block indices: an int ``n`` means the last ``n``
+        blocks; negative entries count from the end (timm's convention)."""
+        if isinstance(indices, int):
+            if not 1 <= indices <= self.num_blocks:
+                raise ValueError(f"n must be in [1, {self.num_blocks}], got {indices}")
+            return list(range(self.num_blocks - indices, self.num_blocks))
+        out = sorted({i + self.num_blocks if i < 0 else i for i in indices})
+        if not out or any(not 0 <= i < self.num_blocks for i in out):
+            raise ValueError(f"block indices {list(indices)} out of range for {self.num_blocks} blocks")
+        return out
 
-        With ``norm`` each is passed through the final norm (as DINOv2's linear evals do);
-        without it, cls and patch tokens are the raw block outputs.
+    def forward_intermediates(
+        self,
+        images: Tensor,
+        indices: int | Sequence[int] = 1,
+        norm: bool = True,
+        output_fmt: str = "NLC",
+        masks: Tensor | None = None,
+    ) -> list[BackboneOutput]:
+        """The outputs of the blocks ``indices`` (see :meth:`block_indices`), in block order.
+
+        The one feature tap (in the spirit of timm's ``forward_intermediates``): the eval
+        heads, the feedback heads and the online probe all read features through it. The
+        trunk runs once, up to the last requested block. ``norm``: each block's tokens go
+        through the final norm (what DINOv2's linear evals take; ``[-1]`` with ``norm``
+        equals :meth:`forward`). ``output_fmt``: patch tokens as ``NLC`` (B, h*w, D) or
+        as a ``NCHW`` map (B, D, h, w), contiguous. It does not switch off autograd, so
+        callers can differentiate through the last blocks.
         """
-        if not 1 <= n <= self.num_blocks:
-            raise ValueError(f"n must be in [1, {self.num_blocks}], got {n}")
-        state = self.prepare_tokens(images)
-        first = self.num_blocks - n
-        state = self.run_blocks(state, 0, first)
-        outputs = []
-        for i in range(first, self.num_blocks):
-            state = self.run_blocks(state, i, i + 1)
-            if norm:
-                outputs.append(self.finalize(state))
-            else:
-                outputs.append(
-                    BackboneOutput(
-                        cls=state.x[:, 0],
-                        patch=state.x[:, self.num_prefix_tokens :],
-                        grid=state.grid,
-                    )
-                )
+        if output_fmt not in OUTPUT_FORMATS:
+            raise ValueError(f"output_fmt must be one of {OUTPUT_FORMATS}, got {output_fmt!r}")
+        state = self.prepare_tokens(images, masks)
+        outputs, start = [], 0
+        for index in self.block_indices(indices):
+            state = self.run_blocks(state, start, index + 1)
+            start = index + 1
+            tokens = self.model.norm(state.x) if norm else state.x
+            patch = tokens[:, self.num_prefix_tokens :]
+            if output_fmt == "NCHW":
+                h, w = state.grid
+                # contiguous: the transposed view's channels-last strides slow BatchNorm down
+                patch = patch.transpose(1, 2).reshape(patch.shape[0], -1, h, w).contiguous()
+            outputs.append(BackboneOutput(cls=tokens[:, 0], patch=patch, grid=state.grid))
         return outputs
 
     # --------------------------------------------------------------- options

@@ -28,7 +28,7 @@ def extract_cls_features(backbone: Backbone, images: Tensor, batch_size: int = 1
         chunk = chunk.to(device)
         if mean is not None and std is not None:
             chunk = (chunk - chunk.new_tensor(mean)[:, None, None]) / chunk.new_tensor(std)[:, None, None]
-        feats.append(backbone(chunk).cls.float().cpu())
+        feats.append(backbone.forward_intermediates(chunk, 1)[0].cls.float().cpu())
     backbone.train(was_training)
     return torch.cat(feats)
 

@@ -1,23 +1,43 @@
-"""The linear depth head and depth losses on frozen ViT features (DINOv2/DINOv3 protocol).
+"""Dense prediction heads on frozen ViT features, their losses and the input
+normalisation: what the evaluations (:mod:`eval.segmentation`, :mod:`eval.depth`) and the
+V-pretraining feedback heads (:mod:`designers.vision.feedback`, DESIGN.md section 3) share.
+No CLI, config or data code here. Features come from the backbone's one feature tap,
+:meth:`dinov.models.Backbone.forward_intermediates`.
 
-No CLI and no data loading here: :mod:`eval.depth` (the NYUv2 evaluation) and the
-V-pretraining depth feedback head (``designers/feedback.py``, DESIGN.md section 3) share
-this one implementation. It owns:
+Input: :func:`normalize` (ImageNet statistics, as the backbones were trained).
+
+Segmentation (DINOv2's linear protocol, mmseg ``BNHead``):
+
+- :func:`backbone_feature_map`: the normed patch tokens of the last ``n`` blocks,
+  concatenated along channels into a ``(B, n*D, h, w)`` map;
+- :class:`LinearBNSegHead`: ``BatchNorm2d`` over the feature channels, optional dropout,
+  a 1x1 convolution to class logits at patch resolution;
+- :func:`upsample_logits`: patch logits -> pixel logits for an image of a given size,
+  bilinear (``align_corners=False``). The backbone zero-pads inputs whose side is not a
+  multiple of the patch on the right/bottom, so the logits are first upsampled to the
+  padded size and then cropped: pixel (y, x) keeps looking at the patch it fell in;
+- :func:`seg_loss`: pixel cross-entropy with an ignore index at label resolution.
+
+Depth (DINOv2/DINOv3 linear protocol):
 
 - :func:`layer_indices`: which blocks feed the head (DINOv2's "lin. 4": four blocks at
   even intervals ending at the last one; or the last ``n``);
 - :func:`multilayer_features`: those blocks' patch tokens as a ``(B, L*D, h, w)`` map and
-  their CLS tokens ``(B, L*D)``, differentiable when called under grad (feedback needs
-  ``g_down`` through the backbone);
+  their CLS tokens ``(B, L*D)``;
 - :class:`LinearDepthHead`: DINOv2's ``BNHead`` — CLS concatenated to every patch
   feature, a 1x1 convolution, bilinear x4 upsampling, then either 256 uniform depth bins
   (AdaBins "UD" bins, "linear" normalisation) or a softplus regression, and finally a
   bilinear resize to the label resolution (:meth:`LinearDepthHead.predict`);
 - :func:`sig_loss` (scale-invariant log loss, DINOv2's ``SigLoss``), :func:`l1_loss`,
   :func:`depth_loss` and :func:`valid_depth_mask`.
+
+The feature functions do not switch off autograd: the feedback side differentiates
+through the backbone's last blocks.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import torch
 import torch.nn.functional as F
@@ -25,6 +45,8 @@ from torch import Tensor, nn
 
 from dinov.models import Backbone
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
 HEAD_MODES = ("bins", "regression")
 BIN_NORMS = ("linear", "softmax")
 LAYER_SETS = ("even", "last")
@@ -33,7 +55,100 @@ LOSSES = ("sigloss", "l1")
 _LINEAR_NORM_EPS = 0.1
 
 
-# ------------------------------------------------------------------------ features
+# ------------------------------------------------------------------------ input
+
+
+def normalize(images: Tensor, mean: Iterable[float] = IMAGENET_MEAN,
+              std: Iterable[float] = IMAGENET_STD) -> Tensor:
+    """(B, 3, H, W) in [0, 1] -> ImageNet-normalised, as the backbones were trained."""
+    mean_t = images.new_tensor(tuple(mean)).view(1, 3, 1, 1)
+    std_t = images.new_tensor(tuple(std)).view(1, 3, 1, 1)
+    return (images - mean_t) / std_t
+
+
+# ------------------------------------------------------------------------ segmentation
+
+
+def backbone_feature_map(backbone: Backbone, images: Tensor, n_last_blocks: int = 1) -> Tensor:
+    """(B, 3, H, W) images in [0, 1] -> (B, n*D, h, w) normed patch features of the last n blocks."""
+    outputs = backbone.forward_intermediates(normalize(images), n_last_blocks, output_fmt="NCHW")
+    return torch.cat([out.patch for out in outputs], dim=1)  # block order
+
+
+class LinearBNSegHead(nn.Module):
+    """BatchNorm2d over patch features, then a 1x1 conv to ``num_classes`` logits.
+
+    ``forward(features)`` gives patch-resolution logits; pass ``image_size`` (and the
+    backbone's ``patch_size``) to get them bilinearly upsampled to pixel resolution.
+    Initialisation follows mmseg's ``BaseDecodeHead``: conv weights N(0, 0.01), zero bias.
+    """
+
+    def __init__(self, in_dim: int, num_classes: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.in_dim = in_dim
+        self.num_classes = num_classes
+        self.bn = nn.BatchNorm2d(in_dim)
+        self.dropout = nn.Dropout2d(dropout) if dropout > 0 else nn.Identity()
+        self.conv = nn.Conv2d(in_dim, num_classes, kernel_size=1)
+        nn.init.normal_(self.conv.weight, mean=0.0, std=0.01)
+        nn.init.zeros_(self.conv.bias)
+
+    def forward(
+        self,
+        features: Tensor,
+        image_size: tuple[int, int] | None = None,
+        patch_size: int | None = None,
+    ) -> Tensor:
+        if features.dim() != 4 or features.shape[1] != self.in_dim:
+            raise ValueError(
+                f"expected features (B, {self.in_dim}, h, w), got {tuple(features.shape)}"
+            )
+        logits = self.conv(self.dropout(self.bn(features)))
+        if image_size is None:
+            return logits
+        return upsample_logits(logits, image_size, patch_size)
+
+
+def upsample_logits(
+    logits: Tensor, image_size: tuple[int, int], patch_size: int | None = None
+) -> Tensor:
+    """(B, K, h, w) patch logits -> (B, K, H, W) pixel logits, bilinear.
+
+    With ``patch_size``, an image padded to ``(h*p, w*p)`` by the backbone is undone by
+    upsampling to that size and cropping the top-left ``(H, W)``; without it (or when the
+    image was not padded) the logits are simply resized to ``(H, W)``.
+    """
+    height, width = int(image_size[0]), int(image_size[1])
+    h, w = logits.shape[-2:]
+    padded = (h * patch_size, w * patch_size) if patch_size else (height, width)
+    if padded[0] < height or padded[1] < width:
+        raise ValueError(f"a {h}x{w} grid of {patch_size}px patches cannot cover {height}x{width}")
+    if (h, w) != padded:
+        logits = F.interpolate(logits, size=padded, mode="bilinear", align_corners=False)
+    return logits[..., :height, :width]
+
+
+def seg_loss(
+    logits: Tensor,
+    labels: Tensor,
+    ignore_index: int = 255,
+    patch_size: int | None = None,
+) -> Tensor:
+    """Mean pixel cross-entropy over non-ignored pixels, logits upsampled to the labels' size.
+
+    ``logits`` (B, K, h, w) may be at patch or pixel resolution; ``labels`` are (B, H, W).
+    A batch whose pixels are all ``ignore_index`` gives a zero loss (not NaN) that still
+    has a graph, so a training loop never has to special-case it.
+    """
+    labels = labels.long()
+    if logits.shape[-2:] != labels.shape[-2:]:
+        logits = upsample_logits(logits, tuple(labels.shape[-2:]), patch_size)
+    if not (labels != ignore_index).any():
+        return logits.sum() * 0.0
+    return F.cross_entropy(logits, labels, ignore_index=ignore_index)
+
+
+# ------------------------------------------------------------------------ depth features
 
 
 def layer_indices(num_blocks: int, n: int, layer_set: str = "even") -> list[int]:
@@ -66,18 +181,13 @@ def multilayer_features(
     """
     if not blocks or sorted(set(blocks)) != list(blocks):
         raise ValueError(f"blocks must be strictly increasing, got {blocks}")
-    state = backbone.prepare_tokens(images)
-    patches, cls_tokens, start = [], [], 0
-    for index in blocks:
-        state = backbone.run_blocks(state, start, index + 1)
-        start = index + 1
-        tokens = backbone.model.norm(state.x) if norm else state.x
-        cls_tokens.append(tokens[:, 0])
-        patches.append(tokens[:, backbone.num_prefix_tokens :])
-    h, w = state.grid
-    patch = torch.cat(patches, dim=-1)  # (B, h*w, L*D), row-major patches
+    outputs = backbone.forward_intermediates(images, blocks, norm=norm)
+    h, w = outputs[-1].grid
+    patch = torch.cat([o.patch for o in outputs], dim=-1)  # (B, h*w, L*D), row-major patches
+    # A (B, L*D, h, w) view with channels-last strides, not a contiguous copy: the depth
+    # head's results (and every number reported with it) were computed on this layout.
     patch_map = patch.transpose(1, 2).reshape(patch.shape[0], patch.shape[2], h, w)
-    return patch_map, torch.cat(cls_tokens, dim=-1)
+    return patch_map, torch.cat([o.cls for o in outputs], dim=-1)
 
 
 # ------------------------------------------------------------------------ head
