@@ -5,9 +5,9 @@ compares the two loads, not the two settings. Here every round runs each setting
 (A B C, A B C, ...), a ratio is taken inside each round, and the reported ratio is the
 median of the per-round ratios with their spread (the 25th and 75th percentiles).
 
-A ratio that the work cannot produce (a setting that does strictly more work than its
-reference measured faster) is flagged and reported as ``null``, with its raw median kept
-under ``*_raw``, instead of being printed as a result.
+A ratio that the work should not produce (a setting that adds work to its reference
+measured faster) is flagged and reported as ``null``, with its raw median kept under
+``*_raw``, instead of being printed as a result.
 """
 
 from __future__ import annotations
@@ -65,6 +65,7 @@ def ratio_summary(name: str, numerator: list[float], denominator: list[float],
     if at_least_one and median < 1.0:
         out[name] = None
         out[f"{name}_raw"] = round(median, digits)
-        out[f"{name}_flag"] = ("impossible: this setting does strictly more work than its "
-                               "reference; the machine's load changed within rounds, rerun")
+        out[f"{name}_flag"] = ("below 1 although this setting adds work to its reference: "
+                               "rerun (the load may have changed within rounds); if it "
+                               "persists, the reference does work this setting avoids")
     return out

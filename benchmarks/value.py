@@ -292,7 +292,7 @@ def vstep_line(args: argparse.Namespace) -> dict[str, Any]:
     return line
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--aligned", type=int, default=2)
@@ -313,21 +313,15 @@ def main() -> None:
     parser.add_argument("--worker", choices=[*VARIANTS, "timing"], help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
     parser.add_argument("overrides", nargs="*")
-    args = parser.parse_args()
-    if args.worker == "timing":
-        timing_worker(args)
-        return
-    if args.worker:
-        memory_worker(args)
-        return
-    if args.vstep_only:
-        print(json.dumps({"benchmark": "value", **vstep_line(args)}))
-        return
+    return parser.parse_args()
+
+
+def estimator_line(args: argparse.Namespace) -> dict[str, Any]:
+    """fd / jvp against exact: cosines, time ratios (one process, in turns) and memory
+    ratios (one fresh process per variant: max RSS is per process and never falls)."""
     overrides = [*DEFAULTS, *args.overrides]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
-        # memory: one fresh process per variant (max RSS is per process and never falls);
-        # time: every variant in one process, in turns
         for variant in [*VARIANTS, "timing"]:
             out = os.path.join(tmp, f"{variant}.pt")
             subprocess.run([sys.executable, __file__, "--worker", variant, "--out", out,
@@ -341,13 +335,12 @@ def main() -> None:
         a, b = results[name]["grad"].flatten(), ex["grad"].flatten()
         return round(float(torch.nn.functional.cosine_similarity(a, b, dim=0)), 6)
 
-    line = {"benchmark": "value", "device": ex["device"], "threads": ex["threads"],
-            "aligned_blocks": args.aligned, "overrides": overrides}
+    line = {"device": ex["device"], "threads": ex["threads"], "aligned_blocks": args.aligned,
+            "overrides": overrides}
     for name in ("fd", "fd_recompute", "fd_plain", "jvp"):
-        r = results[name]
         line[f"{name}_vs_exact_cos"] = cos(name)
         line.update(ratio_summary(f"{name}_time_ratio", times[name], times["exact"]))
-        line[f"{name}_mem_ratio"] = round(r["peak"] / max(ex["peak"], 1.0), 4)
+        line[f"{name}_mem_ratio"] = round(results[name]["peak"] / max(ex["peak"], 1.0), 4)
         # every estimator runs the training step's forward and more
         line.update(ratio_summary(f"{name}_over_train_step", times[name], times["train_step"],
                                   at_least_one=True))
@@ -356,6 +349,20 @@ def main() -> None:
     for name, r in results.items():
         line[f"{name}_s"] = round(statistics.median(times[name]), 4)
         line[f"{name}_peak_mib"] = round(r["peak"] / 2**20, 1)
+    return line
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker == "timing":
+        timing_worker(args)
+        return
+    if args.worker:
+        memory_worker(args)
+        return
+    line: dict[str, Any] = {"benchmark": "value"}
+    if not args.vstep_only:
+        line.update(estimator_line(args))
     line.update(vstep_line(args))
     print(json.dumps(line))
     sys.stdout.flush()

@@ -121,12 +121,6 @@ def barrier() -> None:
         dist.barrier()
 
 
-def destroy_distributed() -> None:
-    """Tear the process group down (safe to call when there is none)."""
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
-
-
 def uses_fsdp(cfg: DistributedConfig) -> bool:
     """True when the run shards student and teacher (every rank must run teacher forwards)."""
     return is_distributed() and cfg.strategy == "fsdp"
@@ -233,13 +227,6 @@ def full_parameters(module: nn.Module) -> Iterator[None]:
             unit.reshard()
             unit.set_reshard_after_forward(id(unit) not in roots, recurse=False)
             unit.set_reshard_after_backward(True, recurse=False)
-
-
-def wrap_student(student: nn.ModuleDict, cfg: DistributedConfig, device: torch.device) -> None:
-    """DDP-only wrapping of a student without a teacher (FSDP needs :func:`wrap_model`)."""
-    if cfg.strategy == "fsdp" and is_distributed():
-        raise ValueError("dist.strategy=fsdp shards student and teacher together: use wrap_model")
-    wrap_model(student, nn.ModuleDict(), cfg, device)
 
 
 def all_ranks_finite(tensor: torch.Tensor) -> bool:

@@ -110,6 +110,51 @@ def _cosine_lr_factor(step: int, total_steps: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * step / max(total_steps, 1)))
 
 
+def _standardise(train: Tensor, val: Tensor) -> tuple[Tensor, Tensor]:
+    """Both feature sets standardised with the *train* mean and std (fp32)."""
+    x_train = train.float()
+    mean = x_train.mean(dim=0, keepdim=True)
+    std = x_train.std(dim=0, keepdim=True).clamp_min(1e-6)  # guard constant features
+    return (x_train - mean) / std, (val.float() - mean) / std
+
+
+def _sgd_heads(weight: Tensor, bias: Tensor, lr_vec: Tensor, x_train: Tensor, y_train: Tensor,
+               epochs: int, batch_size: int, weight_decay: float, gen: torch.Generator) -> None:
+    """Train the stacked heads ``weight`` (L, D, C) and ``bias`` (L, 1, C) in place: SGD,
+    momentum 0.9, cosine decay, each head at its own lr (``lr_vec`` (L, 1, 1))."""
+    n_heads, num_classes = weight.shape[0], weight.shape[2]
+    weight.requires_grad_(True)
+    bias.requires_grad_(True)
+    params = (weight, bias)
+    momenta = [torch.zeros_like(p) for p in params]
+    n_train = x_train.shape[0]
+    total_steps = epochs * math.ceil(n_train / batch_size)
+    step = 0
+    for _ in range(epochs):
+        order = torch.randperm(n_train, generator=gen).to(x_train.device)
+        for start in range(0, n_train, batch_size):
+            idx = order[start : start + batch_size]
+            logits = torch.baddbmm(bias, x_train[idx].expand(n_heads, -1, -1), weight)
+            # Summing the heads' mean losses gives each head exactly its own gradient.
+            loss = (
+                F.cross_entropy(
+                    logits.reshape(-1, num_classes), y_train[idx].repeat(n_heads), reduction="sum"
+                )
+                / idx.numel()
+            )
+            grads = torch.autograd.grad(loss, params)
+            # A hand-rolled SGD (same update as torch.optim.SGD, dampening 0) because the
+            # lr differs per head *inside* one stacked tensor, which param groups cannot do.
+            factor = _cosine_lr_factor(step, total_steps)
+            with torch.no_grad():
+                for p, g, buf in zip(params, grads, momenta, strict=True):
+                    if weight_decay and p is weight:  # no decay on biases
+                        g = g + weight_decay * p
+                    buf.mul_(0.9).add_(g)
+                    p.sub_(lr_vec * factor * buf)
+            step += 1
+
+
 def train_linear_probes(
     train_feats: Tensor,
     train_labels: Tensor,
@@ -134,11 +179,7 @@ def train_linear_probes(
         raise ValueError("lrs must not be empty")
     device = train_feats.device
     gen = torch.Generator(device="cpu").manual_seed(seed)
-    x_train = train_feats.float()
-    mean = x_train.mean(dim=0, keepdim=True)
-    std = x_train.std(dim=0, keepdim=True).clamp_min(1e-6)  # guard constant features
-    x_train = (x_train - mean) / std
-    x_val = (val_feats.float().to(device) - mean) / std
+    x_train, x_val = _standardise(train_feats, val_feats.to(device))
     y_train = train_labels.to(device).long()
     y_val = val_labels.to(device).long()
 
@@ -146,39 +187,8 @@ def train_linear_probes(
     # DINOv2 initialises linear heads with N(0, 0.01) weights and zero bias.
     weight = (torch.randn(n_heads, dim, num_classes, generator=gen) * 0.01).to(device)
     bias = torch.zeros(n_heads, 1, num_classes, device=device)
-    weight.requires_grad_(True)
-    bias.requires_grad_(True)
-    params = (weight, bias)
-    momenta = [torch.zeros_like(p) for p in params]
     lr_vec = torch.tensor([float(lr) for lr in lrs], device=device).view(n_heads, 1, 1)
-
-    n_train = x_train.shape[0]
-    steps_per_epoch = math.ceil(n_train / batch_size)
-    total_steps = epochs * steps_per_epoch
-    step = 0
-    for _ in range(epochs):
-        order = torch.randperm(n_train, generator=gen).to(device)
-        for start in range(0, n_train, batch_size):
-            idx = order[start : start + batch_size]
-            logits = torch.baddbmm(bias, x_train[idx].expand(n_heads, -1, -1), weight)
-            # Summing the heads' mean losses gives each head exactly its own gradient.
-            loss = (
-                F.cross_entropy(
-                    logits.reshape(-1, num_classes), y_train[idx].repeat(n_heads), reduction="sum"
-                )
-                / idx.numel()
-            )
-            grads = torch.autograd.grad(loss, params)
-            # A hand-rolled SGD (same update as torch.optim.SGD, dampening 0) because the
-            # lr differs per head *inside* one stacked tensor, which param groups cannot do.
-            factor = _cosine_lr_factor(step, total_steps)
-            with torch.no_grad():
-                for p, g, buf in zip(params, grads, momenta, strict=True):
-                    if weight_decay and p is weight:  # no decay on biases
-                        g = g + weight_decay * p
-                    buf.mul_(0.9).add_(g)
-                    p.sub_(lr_vec * factor * buf)
-            step += 1
+    _sgd_heads(weight, bias, lr_vec, x_train, y_train, epochs, batch_size, weight_decay, gen)
 
     with torch.no_grad():
         # One head at a time: (N_val, C) logits per head instead of (L, N_val, C) at once.
@@ -415,6 +425,35 @@ def _as_index_tensor(values: object) -> Tensor:
 
 
 @torch.no_grad()
+def _membership(gnd: list[dict], ranks_q: Tensor) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """Every database image's membership of every query's easy/hard/junk set, as
+    (Q, n_total) flags built once (each protocol is then a boolean combination), and the
+    sets' sizes. A query without one of the three lists is an error, never an empty list."""
+    n_q, device = ranks_q.shape[0], ranks_q.device
+    sets: dict[str, list[Tensor]] = {}
+    for key in ("easy", "hard", "junk"):
+        missing = [i for i, g in enumerate(gnd) if key not in g]
+        if missing:
+            raise ValueError(f"ground truth of query {missing[0]} has no '{key}' list "
+                             f"(every query needs easy, hard and junk)")
+        sets[key] = [_as_index_tensor(g[key]) for g in gnd]
+    n_total = int(ranks_q.max()) + 1 if ranks_q.numel() else 0
+    for idx_list in sets.values():
+        for idx in idx_list:
+            if idx.numel():
+                n_total = max(n_total, int(idx.max()) + 1)
+    flags: dict[str, Tensor] = {}
+    counts: dict[str, Tensor] = {}
+    for key, idx_list in sets.items():
+        member = torch.zeros(n_q, n_total, dtype=torch.bool, device=device)
+        q_idx = torch.repeat_interleave(torch.arange(n_q), torch.tensor([len(i) for i in idx_list]))
+        db_idx = torch.cat(idx_list) if idx_list else torch.zeros(0, dtype=torch.long)
+        member[q_idx.to(device), db_idx.to(device)] = True
+        flags[key] = member
+        counts[key] = torch.tensor([len(i) for i in idx_list], dtype=torch.long, device=device)
+    return flags, counts
+
+
 def revisited_map(
     ranks: Tensor, gnd: list[dict], ks: Sequence[int] = (1, 5, 10)
 ) -> RetrievalMetrics:
@@ -431,28 +470,7 @@ def revisited_map(
         raise ValueError(f"ranks must be (n_db, {len(gnd)}), got {tuple(ranks.shape)}")
     ranks_q = ranks.T.long()  # (Q, n_db): one ranked list per row
     n_q = ranks_q.shape[0]
-    device = ranks_q.device
-
-    # Membership of every database image in every query's easy/hard/junk set, built once
-    # as (Q, n_total) flags so that each protocol is just a boolean combination.
-    sets = {
-        key: [_as_index_tensor(g.get(key, [])) for g in gnd] for key in ("easy", "hard", "junk")
-    }
-    n_total = int(ranks_q.max()) + 1 if ranks_q.numel() else 0
-    for idx_list in sets.values():
-        for idx in idx_list:
-            if idx.numel():
-                n_total = max(n_total, int(idx.max()) + 1)
-    flags: dict[str, Tensor] = {}
-    counts: dict[str, Tensor] = {}
-    for key, idx_list in sets.items():
-        member = torch.zeros(n_q, n_total, dtype=torch.bool, device=device)
-        q_idx = torch.repeat_interleave(torch.arange(n_q), torch.tensor([len(i) for i in idx_list]))
-        db_idx = torch.cat(idx_list) if idx_list else torch.zeros(0, dtype=torch.long)
-        member[q_idx.to(device), db_idx.to(device)] = True
-        flags[key] = member
-        counts[key] = torch.tensor([len(i) for i in idx_list], dtype=torch.long, device=device)
-
+    flags, counts = _membership(gnd, ranks_q)
     maps: dict[str, float] = {}
     mp_at_k: dict[str, dict[int, float]] = {}
     for name, (pos_keys, junk_keys) in _PROTOCOLS.items():

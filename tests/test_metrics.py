@@ -285,3 +285,11 @@ def test_revisited_map_query_chunks_and_similarity_ranks():
     # query 1 = (0, -1): cosines db0 0, db1 -1, db2 -.71, db3 -.196
     expected = torch.tensor([[0, 2, 1, 3], [0, 3, 2, 1]]).T
     assert torch.equal(similarity_ranks(queries, db), expected)
+
+
+def test_revisited_map_refuses_a_query_without_a_list():
+    """A query's missing easy/hard/junk list is an error, never an empty list (which would
+    silently change the mAP)."""
+    ranks = torch.arange(4).view(4, 1)
+    with pytest.raises(ValueError, match="query 0 has no 'junk' list"):
+        revisited_map(ranks, [{"easy": [0], "hard": [1]}])

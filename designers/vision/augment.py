@@ -302,9 +302,9 @@ class AugmentationDesigner(nn.Module):
 
         The entropy is the drawn value's, ``y = lo + w·sigmoid(z)``, in units of its range:
         ``H(y) = H(z) + E[log sigmoid'(z)] = log std + E[log σ(z) + log(1 − σ(z))]`` + const,
-        the expectation estimated at the drawn ``z``. With ``log std`` alone a mean pushed
-        into the sigmoid's flat tail kept its reward while ``y`` barely varied (the demo's
-        hue went to its bound with a jitter of 0.004 of a turn).
+        the expectation estimated at the drawn ``z``: with ``log std`` alone, a mean pushed
+        into the sigmoid's flat tail would keep its reward while ``y`` barely varies
+        (docs/results.md has the run where that happened).
         """
         mean_values = self.bounded(params["raw_mean"])
         prior = (((mean_values - self.default) / self.width) ** 2).mean()

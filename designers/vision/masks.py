@@ -95,7 +95,7 @@ class SoftMaskDesigner(nn.Module):
         nn.init.normal_(self.head.weight, std=1e-2)
         nn.init.constant_(self.head.bias, math.log(init_mu / (1.0 - init_mu)))
         # NHWC: the oneDNN (CPU) and cuDNN convolutions run these few-channel convs faster
-        # in it (CPU, 128 views of 32 px: 21 instead of 29 ms); .to(device) and
+        # in it (docs/results.md); .to(device) and
         # load_state_dict keep the weights' layout
         self.to(memory_format=torch.channels_last)
 
