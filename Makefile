@@ -49,7 +49,7 @@ $(MMSEG_STAMP): pyproject.toml constraints.txt
 	touch $(MMSEG_STAMP)
 
 test-mmseg: $(MMSEG_STAMP)
-	$(MMSEG_PY) -m pytest -m mmseg tests/test_mmseg.py
+	$(MMSEG_PY) -m pytest -m mmseg tests/test_mmseg.py tests/test_faults_eval.py
 
 clean:
 	rm -rf $(VENV) .venv-mmseg runs .pytest_cache
