@@ -14,7 +14,7 @@ venv: $(STAMP)
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install -q -c constraints.txt "torch==2.13.0" numpy
-	$(PIP) install -q -c constraints.txt -e ".[dev,tensorboard]"
+	$(PIP) install -q -c constraints.txt -e ".[dev,tensorboard,lm]"
 	touch $(STAMP)
 
 # Pretrains the small demo backbone once (cached in runs/demo), then the four-arm

@@ -31,17 +31,16 @@ def parse_config(argv: list[str] | None, description: str,
 def exit_on_run_error(run: Callable[[], T]) -> T:
     """``run()``; a refused resume, a config error found at start-up, or a run stopped by
     non-finite steps exits with one ``error:`` line (2, or 1 for the divergence)."""
-    from dinov.train.resume import ResumeError
-    from dinov.train.trainer import NonFiniteLossError
+    from dinov.runs import RunError
 
     try:
         return run()
-    except (ResumeError, ConfigError) as error:
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(2) from None
-    except NonFiniteLossError as error:
+    except RunError as error:  # a refused resume (2), a run stopped by divergence (1)
         print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
+        raise SystemExit(error.exit_code) from None
 
 
 def setup_logging() -> None:

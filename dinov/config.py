@@ -337,7 +337,7 @@ class Config:
     """A complete learner run.
 
     ``ARCHITECTURE_KEYS`` (dotted keys, or whole sections) shape a checkpoint's tensors
-    and states: a resume with any of them changed is refused (:mod:`dinov.train.resume`).
+    and states: a resume with any of them changed is refused (:mod:`dinov.runs`).
     """
 
     TRAINER: ClassVar[str] = "dinov.train"  # the entry point whose checkpoints this schema resumes

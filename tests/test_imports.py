@@ -16,7 +16,8 @@ PACKAGES = ("dinov", "eval", "designers", "demo")
 # the modality-free meta core: the LM module will drive it as the vision hook does
 CORE = ("designers", "designers.meta", "designers.calibration", "designers.registry",
         "designers.value", "designers.config")
-DINOV_GENERIC = ("dinov", "dinov.config", "dinov.checkpoint", "dinov.distributed")
+DINOV_GENERIC = ("dinov", "dinov.config", "dinov.checkpoint", "dinov.distributed", "dinov.runs",
+                 "dinov.cli")
 # module prefix -> what its modules may import of ours
 RULES: dict[str, tuple[str, ...]] = {
     "dinov": ("dinov.*",),  # the learner library imports none of the other parts

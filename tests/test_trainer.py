@@ -11,8 +11,9 @@ import torch
 
 from dinov.checkpoint import latest_checkpoint, load_checkpoint
 from dinov.config import load_config
+from dinov.runs import NonFiniteLossError
 from dinov.train.task import StepHook
-from dinov.train.trainer import NonFiniteLossError, Trainer
+from dinov.train.trainer import Trainer
 
 SMOKE = "configs/smoke.yaml"
 

@@ -40,11 +40,8 @@ from dinov.distributed import (
     wrap_model,
 )
 from dinov.plots import plot_run
-from dinov.train.data import BatchStream, build_pretraining_dataset
-from dinov.train.meta_arch import SSLMetaArch
-from dinov.train.optim import apply_schedule, build_optimizer
-from dinov.train.probe import OnlineProbe
-from dinov.train.resume import (
+from dinov.runs import (
+    NonFiniteSteps,
     ResumeError,
     check_resume_config,
     newest_readable_checkpoint,
@@ -52,14 +49,14 @@ from dinov.train.resume import (
     remove_stale_temporaries,
     truncate_metrics,
 )
+from dinov.train.data import BatchStream, build_pretraining_dataset
+from dinov.train.meta_arch import SSLMetaArch
+from dinov.train.optim import apply_schedule, build_optimizer
+from dinov.train.probe import OnlineProbe
 from dinov.train.schedules import build_schedules
 from dinov.train.task import LearnerContext, MultiCropTaskBuilder, StepContext, StepHook, Task
 
 log = logging.getLogger("dinov.train")
-
-
-class NonFiniteLossError(RuntimeError):
-    """Too many steps had a NaN or infinite loss (or meta step: any part a hook guards)."""
 
 
 def seed_everything(seed: int) -> None:
@@ -91,8 +88,8 @@ class Trainer:
         probe_here = self.env.is_main or uses_fsdp(cfg.dist)
         self.probe = OnlineProbe(cfg) if cfg.probe.enabled and probe_here else None
         self.step = 0
-        self.nonfinite_steps = 0  # skipped parts (learner steps, meta steps): one stop rule
-        self.nonfinite_parts: dict[str, int] = {}  # the same count, by what diverged
+        # skipped parts (learner steps, meta steps), by part: one counter, one stop rule
+        self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
         self.history: dict[str, Any] = {}
         # losses of the steps since the last log row: checkpointed, so that the first row
         # after a resume (and results.json's final_loss) equal an uninterrupted run's
@@ -121,8 +118,7 @@ class Trainer:
             "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
             "rng": rng_state(),
             "rng_per_rank": gather_objects(rng_state()),  # each rank restores its own stream
-            "nonfinite_steps": self.nonfinite_steps,
-            "nonfinite_parts": dict(self.nonfinite_parts),
+            "nonfinite": self.nonfinite.state_dict(),
             # each rank's own: the log row averages every rank's pending losses
             "pending_per_rank": gather_objects([{k: v.cpu() for k, v in p.items()}
                                                 for p in self.pending]),
@@ -141,8 +137,7 @@ class Trainer:
             hook.load_state_dict(hook_states[hook.name])
         set_rng_state(rank_rng_state(state, self.env))
         self.step = state["step"]
-        self.nonfinite_steps = state["nonfinite_steps"]
-        self.nonfinite_parts = dict(state.get("nonfinite_parts", {}))
+        self.nonfinite.load_state_dict(state["nonfinite"])
         self.history = state.get("history", {})
         self._clock = (self.history.get("train_seconds", 0.0), time.perf_counter())
         self.pending = self._this_ranks(state, "pending_per_rank", [])
@@ -235,16 +230,7 @@ class Trainer:
     def record_nonfinite(self, part: str) -> None:
         """Count a step whose ``part`` (``learner loss``, a hook's meta step, ...) was not
         finite and was skipped; more than ``train.max_nonfinite_steps`` stop the run."""
-        self.nonfinite_steps += 1
-        self.nonfinite_parts[part] = self.nonfinite_parts.get(part, 0) + 1
-        log.warning("step %d: non-finite %s, skipped (%d skipped so far)", self.step, part,
-                    self.nonfinite_steps)
-        if self.nonfinite_steps > self.cfg.train.max_nonfinite_steps:
-            parts = ", ".join(f"{name}: {n}" for name, n in self.nonfinite_parts.items())
-            raise NonFiniteLossError(
-                f"{self.nonfinite_steps} skipped non-finite steps ({parts}) exceed "
-                f"train.max_nonfinite_steps={self.cfg.train.max_nonfinite_steps}; stopping "
-                f"at step {self.step}")
+        self.nonfinite.record(part, self.step)
 
     # ----- the loop --------------------------------------------------------------------
     def _log(self, row: dict[str, Any]) -> None:
@@ -357,7 +343,7 @@ class Trainer:
         if self.env.world_size > 1:
             skipped = float(all_reduce_mean(torch.tensor(skipped))) * self.env.world_size
         row: dict[str, Any] = {"lr": sched["lr"], "momentum": sched["momentum"],
-                               "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite_steps,
+                               "teacher_temp": sched["teacher_temp"], "nonfinite_steps": self.nonfinite.total,
                                "skipped_images": int(round(skipped))}
         if pending:
             # mean over ranks too (ranks skip steps together, so all have the same rows)
@@ -375,8 +361,8 @@ class Trainer:
             "steps": self.step,
             "final_loss": losses[-1] if losses else None,
             "first_logged_loss": losses[0] if losses else None,
-            "nonfinite_steps": self.nonfinite_steps,
-            "nonfinite_parts": dict(self.nonfinite_parts),
+            "nonfinite_steps": self.nonfinite.total,
+            "nonfinite_parts": dict(self.nonfinite.parts),
             "skipped_images": rows[-1].get("skipped_images", 0) if rows else 0,
             "train_seconds": round(self.history.get("train_seconds", 0.0), 2),
             "probe_top1_init": self.history.get("probe_init", {}).get("probe_top1"),

@@ -1,4 +1,10 @@
-"""What a resume checks and repairs before a run continues in an existing ``output_dir``.
+"""What every trainer's run in an ``output_dir`` shares, whatever it trains: the errors
+that end a run (with their exit codes), the counter of skipped non-finite steps, and what a
+resume checks and repairs before the run continues.
+
+- :class:`RunError` (exit code 1), :class:`ResumeError` (2), :class:`NonFiniteLossError` (1);
+- :class:`NonFiniteSteps`: one counter and one stop rule for every skipped part of a step
+  (a learner loss, a meta step's stage), by part;
 
 - :func:`newest_readable_checkpoint`: the newest checkpoint that loads; a truncated or
   unreadable newer file (disk error, an interrupted copy, a full quota) is skipped with a
@@ -33,8 +39,49 @@ _EXPECTED_TO_DIFFER = ("output_dir", "train.resume", "train.stop_at_step", "trai
                        "train.plots")
 
 
-class ResumeError(RuntimeError):
+class RunError(RuntimeError):
+    """A run cannot go on; the CLIs print it as one ``error:`` line and exit ``exit_code``."""
+
+    exit_code = 1
+
+
+class ResumeError(RunError):
     """The checkpoint in ``output_dir`` cannot be continued by this run's config."""
+
+    exit_code = 2
+
+
+class NonFiniteLossError(RunError):
+    """Too many steps had a NaN or infinite loss (or meta step: any part a hook guards)."""
+
+
+class NonFiniteSteps:
+    """Skipped non-finite parts of steps: one count, by part, and one stop rule.
+
+    ``record(part, step)`` counts and warns; more than ``limit`` skipped parts in total
+    raise :class:`NonFiniteLossError` naming the counts per part.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.total = 0
+        self.parts: dict[str, int] = {}
+
+    def record(self, part: str, step: int) -> None:
+        self.total += 1
+        self.parts[part] = self.parts.get(part, 0) + 1
+        log.warning("step %d: non-finite %s, skipped (%d skipped so far)", step, part, self.total)
+        if self.total > self.limit:
+            parts = ", ".join(f"{name}: {n}" for name, n in self.parts.items())
+            raise NonFiniteLossError(
+                f"{self.total} skipped non-finite steps ({parts}) exceed "
+                f"train.max_nonfinite_steps={self.limit}; stopping at step {step}")
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"total": self.total, "parts": dict(self.parts)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.total, self.parts = int(state["total"]), dict(state["parts"])
 
 
 def newest_readable_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]] | None:
