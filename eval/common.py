@@ -1,5 +1,6 @@
 """What every evaluation CLI shares: the backbone source, feature extraction and caching,
-the output-directory check, and writing a run's resolved config and results.
+and the vision backbones' sources (the pipelines' shared entry, error path and outputs are
+in :mod:`eval.pipeline`).
 
 A backbone comes from one of: a checkpoint of our trainer (``model.weights=ckpt.pt``,
 ``model.weights_format=ours`` or ``auto``; the architecture is read from the checkpoint's
@@ -21,7 +22,6 @@ import json
 import os
 import pathlib
 import sys
-import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -32,8 +32,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dinov.checkpoint import atomic_torch_save, load_tensor_file
-from dinov.cli import parse_config
-from dinov.config import ConfigError, ModelConfig, save_config
+from dinov.config import ModelConfig
 from dinov.models import Backbone, build_backbone, load_backbone_weights
 
 
@@ -172,65 +171,3 @@ def extract(batches: Iterable[Any], fn: Callable[[Any], dict[str, Tensor]], desc
     return result
 
 
-def prepare_output_dir(output_dir: str | pathlib.Path,
-                       name: str = "config key 'output_dir'") -> pathlib.Path:
-    """Create ``output_dir`` and prove it writable, before any feature is extracted.
-
-    Every eval CLI calls this first: otherwise an unwritable directory is found only when
-    the results are written, after all the work, and the results are lost. ``name`` is
-    how the error calls the setting.
-    """
-    out = pathlib.Path(output_dir).expanduser()
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".write_test_"):
-            pass  # created and removed again
-    except OSError as error:
-        raise ConfigError(
-            f"{name}: cannot write to {out} "
-            f"({error.strerror or type(error).__name__}); choose a writable directory"
-        ) from None
-    return out
-
-
-def cli_main(argv: list[str] | None, description: str, schema: type,
-             run: Callable[[Any], dict[str, Any]],
-             report: Callable[[dict[str, Any]], str]) -> dict[str, Any]:
-    """Every eval CLI's ``main``: parse ``--config FILE key=value ...`` into ``schema``,
-    ``run(cfg)``, print ``report(results)``; returns the results.
-
-    The one error path: a config error (unknown key, bad value, unwritable output_dir)
-    exits 2 and a missing data or weights file exits 1, each with one ``error:`` line
-    naming the key or file. Callers that want exceptions call ``run(cfg)`` directly.
-    """
-    cfg = parse_config(argv, description, schema=schema)
-    try:
-        results = run(cfg)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(2) from None
-    except FileNotFoundError as error:
-        print(f"error: {error}", file=sys.stderr)
-        raise SystemExit(1) from None
-    print(report(results))
-    return results
-
-
-def write_run(output_dir: str | pathlib.Path, cfg: Any, results: dict[str, Any]) -> pathlib.Path:
-    """Write ``config.yaml`` and ``results.json`` into ``output_dir``; returns the results path."""
-    out = pathlib.Path(output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out / "config.yaml")
-    path = out / "results.json"
-    path.write_text(json.dumps(results, indent=2) + "\n")
-    return path
-
-
-def seed_all(seed: int) -> None:
-    import random
-
-    import numpy as np
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)

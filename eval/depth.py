@@ -62,12 +62,8 @@ from dinov.models import Backbone
 from eval.common import (
     build_eval_backbone,
     cache_key,
-    cli_main,
     extract,
     files_digest,
-    prepare_output_dir,
-    seed_all,
-    write_run,
 )
 from eval.heads import (
     BIN_NORMS,
@@ -81,6 +77,7 @@ from eval.heads import (
     normalize,
     valid_depth_mask,
 )
+from eval.pipeline import cli_main, prepare_output_dir, seed_all, write_run
 
 log = logging.getLogger("eval.depth")
 CACHE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}

@@ -15,12 +15,6 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import knn_classify, topk_accuracy
-from eval.common import (
-    cli_main,
-    prepare_output_dir,
-    seed_all,
-    write_run,
-)
 from eval.features import (
     FeatureConfig,
     FeatureSet,
@@ -31,6 +25,7 @@ from eval.features import (
     model_summary,
     resolve_device,
 )
+from eval.pipeline import cli_main, prepare_output_dir, seed_all, write_run
 
 
 @dataclass

@@ -16,12 +16,6 @@ from typing import Any
 
 from dinov.config import ConfigError, ModelConfig
 from dinov.metrics import train_linear_probes
-from eval.common import (
-    cli_main,
-    prepare_output_dir,
-    seed_all,
-    write_run,
-)
 from eval.features import (
     FeatureConfig,
     FeatureSet,
@@ -32,6 +26,7 @@ from eval.features import (
     model_summary,
     resolve_device,
 )
+from eval.pipeline import cli_main, prepare_output_dir, seed_all, write_run
 
 
 @dataclass

@@ -55,7 +55,8 @@ from torch import Tensor, nn
 from dinov import _compat  # noqa: F401  (mmcv/mmseg import torchvision: the shim runs first)
 from dinov.config import ConfigError, ModelConfig
 from dinov.data.datasets import numpy_pickle_globals
-from eval.common import build_eval_backbone, prepare_output_dir
+from eval.common import build_eval_backbone
+from eval.pipeline import prepare_output_dir
 
 INSTALL_HINT = (
     "the mmsegmentation adapter needs the [mmseg] extra: pip install -e '.[mmseg]' "

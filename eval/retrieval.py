@@ -58,16 +58,13 @@ from dinov.models import Backbone
 from eval.common import (
     build_eval_backbone,
     cache_key,
-    cli_main,
     extract,
     files_digest,
     load_cache,
-    prepare_output_dir,
     save_cache,
-    seed_all,
-    write_run,
 )
 from eval.heads import normalize
+from eval.pipeline import cli_main, prepare_output_dir, seed_all, write_run
 
 POOLINGS = ("cls", "gem")
 PRECISIONS = ("fp32", "bf16")

@@ -68,13 +68,9 @@ from dinov.metrics import confusion_matrix, segmentation_metrics
 from eval.common import (
     build_eval_backbone,
     cache_key,
-    cli_main,
     extract,
     files_digest,
-    prepare_output_dir,
     resolve_model_config,
-    seed_all,
-    write_run,
 )
 from eval.heads import (
     IMAGENET_MEAN,
@@ -83,6 +79,7 @@ from eval.heads import (
     seg_loss,
     upsample_logits,
 )
+from eval.pipeline import cli_main, prepare_output_dir, seed_all, write_run
 
 FeatureFn = Callable[[Tensor], Tensor]  # (B, 3, H, W) in [0, 1] -> (B, C, h, w)
 

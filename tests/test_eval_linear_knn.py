@@ -263,7 +263,7 @@ def test_linear_runs_reproduce(root, sources, tmp_path):
 
 
 def _missing_file_line(capsys, cli, argv) -> str:
-    """A missing data or weights file: exit 1 and one ``error:`` line (eval.common.cli_main)."""
+    """A missing data or weights file: exit 1 and one ``error:`` line (eval.pipeline.cli_main)."""
     with pytest.raises(SystemExit) as info:
         cli(argv)
     assert info.value.code == 1

@@ -38,8 +38,9 @@ from dinov.data.datasets import (
 from dinov.data.synthetic import NUM_CLASSES, write_layout
 from dinov.models import build_backbone
 from eval import knn, linear
-from eval.common import extract, prepare_output_dir
+from eval.common import extract
 from eval.features import FeatureConfig, ImageFolderDataConfig, load_imagefolder_features
+from eval.pipeline import prepare_output_dir
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # fixture in conftest.py
 
