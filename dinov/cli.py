@@ -29,8 +29,8 @@ def parse_config(argv: list[str] | None, description: str,
 
 
 def exit_on_run_error(run: Callable[[], T]) -> T:
-    """``run()``; a refused resume, a config error found at start-up, or a run stopped by
-    non-finite steps exits with one ``error:`` line (2, or 1 for the divergence)."""
+    """``run()``; a refused resume or a config error found at start-up (exit 2), a run
+    stopped by non-finite steps or a missing file (exit 1) ends in one ``error:`` line."""
     from dinov.runs import RunError
 
     try:
@@ -41,6 +41,9 @@ def exit_on_run_error(run: Callable[[], T]) -> T:
     except RunError as error:  # a refused resume (2), a run stopped by divergence (1)
         print(f"error: {error}", file=sys.stderr)
         raise SystemExit(error.exit_code) from None
+    except FileNotFoundError as error:  # a missing data, weights or model file: named
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
 
 
 def setup_logging() -> None:

@@ -18,6 +18,7 @@ CORE = ("designers", "designers.meta", "designers.calibration", "designers.regis
         "designers.value", "designers.config")
 DINOV_GENERIC = ("dinov", "dinov.config", "dinov.checkpoint", "dinov.distributed", "dinov.runs",
                  "dinov.cli")
+LANGUAGE_EVAL = ("eval", "eval.pipeline", "eval.lm", "eval.gsm8k")
 # module prefix -> what its modules may import of ours
 RULES: dict[str, tuple[str, ...]] = {
     "dinov": ("dinov.*",),  # the learner library imports none of the other parts
@@ -25,7 +26,11 @@ RULES: dict[str, tuple[str, ...]] = {
     "designers": (*CORE, *DINOV_GENERIC),  # the core: no vision, no LM, no learner internals
     "designers.vision": ("designers.*", "dinov.*", "eval.*"),
     "designers.train": ("designers.*", "dinov.*"),  # the vision entry point
-    "designers.lm": ("designers.lm.*", *CORE, *DINOV_GENERIC),
+    # the language-model evaluation and what it shares: no vision code
+    "eval.pipeline": ("eval.pipeline", *DINOV_GENERIC),
+    "eval.lm": ("eval.lm", "eval.pipeline", *DINOV_GENERIC),
+    "eval.gsm8k": ("eval.gsm8k", *LANGUAGE_EVAL, *DINOV_GENERIC),
+    "designers.lm": ("designers.lm.*", *CORE, *LANGUAGE_EVAL, *DINOV_GENERIC),
     "demo": ("demo.*", "designers.*", "dinov.*", "eval.*"),
 }
 

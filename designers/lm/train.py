@@ -1,0 +1,317 @@
+"""Continued pretraining of a causal LM: ``python -m designers.lm.train --config FILE key=value``.
+
+:class:`LMTrainer` owns the loop: packed sequences (:mod:`designers.lm.data`) -> the
+model's next-token loss on the answer tokens -> AdamW with warm-up and cosine decay,
+gradient clipping and accumulation, fp32 or bf16 autocast; one process or DDP (gloo on a
+CPU, NCCL on GPUs). A run writes to ``output_dir`` what the vision trainer writes:
+``config.yaml``, ``metrics.jsonl``, ``results.json``, ``checkpoints/`` (atomic; exact
+resume of the weights that train, the optimizer, the schedule position, every RNG and the
+data stream's position) and, at the end, ``final/``: a ``save_pretrained`` directory that
+``transformers``, lm-evaluation-harness and vLLM load as it is (with LoRA the merged
+model, or the adapter alone with ``export.merge_lora=false``).
+
+The loss of a step is the sum of every answer token's cross-entropy over the global
+batch divided by the global batch's count of answer tokens, computed on every rank from
+the same packed batch, so a run on several processes takes the step one process takes
+at the same global batch (up to floating-point summation order).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import pathlib
+import shutil
+import sys
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from tqdm import tqdm
+
+import dinov  # noqa: F401  (torchvision shim first: transformers imports torchvision)
+from designers.lm.config import LMConfig
+from designers.lm.data import IGNORE_INDEX, PackedStream, label_count, read_corpus, rows_of_rank
+from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from dinov.cli import exit_on_run_error, parse_config, setup_logging
+from dinov.config import save_config, to_yaml
+from dinov.distributed import (
+    all_ranks_finite,
+    all_reduce_mean,
+    barrier,
+    gather_objects,
+    init_distributed,
+    rank_rng_state,
+)
+from dinov.runs import (
+    NonFiniteSteps,
+    ResumeError,
+    check_resume_config,
+    newest_readable_checkpoint,
+    read_metrics,
+    remove_stale_temporaries,
+    truncate_metrics,
+)
+from eval.lm import apply_lora, check_positions, load_causal_lm, trainable_state
+
+log = logging.getLogger("designers.lm.train")
+
+
+def use_synthetic_default(cfg: LMConfig, is_main: bool) -> None:
+    """With ``synthetic.dir``: the tiny offline default written there once (by rank 0),
+    and its model and corpus used where ``model.path`` / ``data.path`` are not set."""
+    if cfg.synthetic.dir is None:
+        return
+    from designers.lm.synthetic import write_default
+
+    root = pathlib.Path(cfg.synthetic.dir)
+    marker = root / "written.json"
+    if is_main and not marker.is_file():
+        paths = write_default(root, seed=cfg.synthetic.seed)
+        atomic_write_text(marker, json.dumps({k: str(v) for k, v in paths.items()}) + "\n")
+    barrier()
+    cfg.model.path = cfg.model.path or str(root / "model")
+    cfg.data.path = cfg.data.path or str(root / "numina.jsonl")
+
+
+def learning_rate(cfg: LMConfig, step: int) -> float:
+    """Linear warm-up to ``optim.lr``, then cosine decay to ``min_lr_ratio``·lr."""
+    o, total = cfg.optim, cfg.train.steps
+    if step < o.warmup_steps:
+        return o.lr * (step + 1) / o.warmup_steps
+    progress = (step - o.warmup_steps) / max(1, total - o.warmup_steps)
+    floor = o.lr * o.min_lr_ratio
+    return floor + (o.lr - floor) * 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def build_optimizer(model: nn.Module, cfg: LMConfig) -> torch.optim.Optimizer:
+    """AdamW over the parameters that train; no weight decay on biases and norms (1-D)."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    groups = [{"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+              {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0}]
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.optim.lr,
+                             betas=(cfg.optim.beta1, cfg.optim.beta2), eps=cfg.optim.eps)
+
+
+def token_loss_sum(model: nn.Module, batch: dict[str, Tensor], precision: str) -> Tensor:
+    """Summed next-token cross-entropy of the answer tokens of ``batch`` (fp32)."""
+    autocast = torch.autocast(batch["input_ids"].device.type, dtype=torch.bfloat16,
+                              enabled=precision == "bf16")
+    with autocast:
+        # no attention mask, no cache: restarting position_ids make the mask block-diagonal
+        logits = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"],
+                       use_cache=False).logits
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), batch["labels"][:, 1:].flatten(),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class LMTrainer:
+    """One continued-pretraining run (module docstring)."""
+
+    def __init__(self, cfg: LMConfig) -> None:
+        self.cfg = cfg
+        self.env, self.device = init_distributed(cfg.dist)
+        use_synthetic_default(cfg, self.env.is_main)
+        torch.manual_seed(cfg.train.seed + self.env.rank)  # dropout differs per rank
+        self.output_dir = pathlib.Path(cfg.output_dir)
+        self.checkpoint_dir = self.output_dir / "checkpoints"
+        model, self.tokenizer = load_causal_lm(cfg.model)
+        check_positions(model, cfg.data.seq_len)
+        if cfg.model.lora.enabled:
+            model = apply_lora(model, cfg.model.lora)
+        self.model = model.to(self.device).train()
+        self.ddp = self.env.world_size > 1
+        self.wrapped: nn.Module = self.model
+        if self.ddp:
+            self.wrapped = nn.parallel.DistributedDataParallel(self.model)
+        self.optimizer = build_optimizer(self.model, cfg)
+        self.stream = PackedStream(read_corpus(cfg.data.path), self.tokenizer, cfg.data,
+                                   str(cfg.data.path))
+        self.step = 0
+        self.nonfinite = NonFiniteSteps(cfg.train.max_nonfinite_steps)
+        self.pending: list[float] = []  # step losses since the last log row (checkpointed)
+        self.history: dict[str, Any] = {"train_seconds": 0.0}
+        self._clock = time.perf_counter()
+
+    # ----- one step ------------------------------------------------------------------
+    def train_step(self) -> float | None:
+        """One optimizer step on the next global batch; its loss, or None when skipped."""
+        cfg = self.cfg.train
+        micro, world = cfg.micro_batch_size, self.env.world_size
+        batch = self.stream.next_batch(micro * cfg.grad_accum * world)
+        tokens = max(label_count(batch), 1)
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(self.cfg, self.step)
+        parts = rows_of_rank(batch, self.env.rank, world, micro)
+        total = torch.zeros((), device=self.device)
+        for i, part in enumerate(parts):
+            part = {k: v.to(self.device) for k, v in part.items()}
+            last = i == len(parts) - 1
+            sync = self.wrapped.no_sync() if self.ddp and not last else contextlib.nullcontext()
+            with sync:
+                loss_sum = token_loss_sum(self.wrapped, part, cfg.precision)
+                # DDP averages gradients over ranks: x world makes them the global mean
+                (loss_sum * (world / tokens)).backward()
+            total += loss_sum.detach()
+        if not all_ranks_finite(total):
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite.record("learner loss", self.step)
+            return None
+        if self.cfg.optim.clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad],
+                                           self.cfg.optim.clip_grad)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(all_reduce_mean(total)) * world / tokens
+
+    # ----- state -----------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": self.step, "config": to_yaml(self.cfg), "trainer": LMConfig.TRAINER,
+            "model": {k: v.detach().cpu() for k, v in trainable_state(self.model).items()},
+            "optimizer": self.optimizer.state_dict(), "stream": self.stream.state_dict(),
+            "rng": rng_state(), "rng_per_rank": gather_objects(rng_state()),
+            "nonfinite": self.nonfinite.state_dict(), "pending": list(self.pending),
+            "history": {**self.history, "train_seconds": self._seconds()},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        expected = trainable_state(self.model)
+        if set(state["model"]) != set(expected):
+            raise ValueError(f"the checkpoint's weights ({len(state['model'])}) are not this "
+                             f"model's trainable ones ({len(expected)})")
+        with torch.no_grad():
+            self.model.load_state_dict(state["model"], strict=False)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.stream.load_state_dict(state["stream"])
+        set_rng_state(rank_rng_state(state, self.env))
+        self.nonfinite.load_state_dict(state["nonfinite"])
+        self.step, self.pending = int(state["step"]), list(state["pending"])
+        self.history = dict(state["history"])
+        self._clock = time.perf_counter()
+
+    def _seconds(self) -> float:
+        return self.history["train_seconds"] + time.perf_counter() - self._clock
+
+    def save(self) -> None:
+        state = self.state_dict()  # a collective (every rank's RNG)
+        if self.env.is_main:
+            save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
+        barrier()
+
+    def _maybe_resume(self) -> None:
+        if not self.cfg.train.resume:
+            return
+        found = newest_readable_checkpoint(self.checkpoint_dir)
+        if found is None:
+            log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
+            return
+        path, state = found
+        check_resume_config(state, self.cfg, path)
+        try:
+            self.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError) as error:
+            raise ResumeError(f"cannot resume {path}: {str(error).splitlines()[0]}") from error
+        if self.env.is_main:
+            truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
+        log.info("resumed from %s at step %d", path, self.step)
+
+    # ----- the loop --------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        cfg = self.cfg.train
+        if self.env.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            remove_stale_temporaries(self.checkpoint_dir)
+        self._maybe_resume()
+        if self.env.is_main:  # only once a resume is accepted
+            save_config(self.cfg, self.output_dir / "config.yaml")
+        stop = min(cfg.steps, cfg.stop_at_step or cfg.steps)
+        for _ in self._progress(self.step, stop):
+            loss = self.train_step()
+            if loss is not None:
+                self.pending.append(loss)
+            self.step += 1
+            self._after_step()
+        if self.step < cfg.steps:
+            return {"stopped_at_step": self.step}
+        return self._finish()
+
+    def _after_step(self) -> None:
+        cfg, step = self.cfg.train, self.step
+        if step % cfg.log_every == 0 or step == cfg.steps:
+            row = {"step": step, "lr": learning_rate(self.cfg, step - 1),
+                   "nonfinite_steps": self.nonfinite.total, **self.stream.stats}
+            if self.pending:
+                row["loss"] = sum(self.pending) / len(self.pending)
+            self.pending.clear()
+            if self.env.is_main:
+                with open(self.output_dir / "metrics.jsonl", "a") as handle:
+                    handle.write(json.dumps(row) + "\n")
+                if cfg.progress in ("log", "auto") and not sys.stderr.isatty():
+                    log.info("step %d/%d loss %.4f", step, cfg.steps, row.get("loss", math.nan))
+        if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == cfg.stop_at_step:
+            self.save()
+
+    def _progress(self, start: int, stop: int) -> Any:
+        mode = self.cfg.train.progress
+        if self.env.is_main and (mode == "tqdm" or (mode == "auto" and sys.stderr.isatty())):
+            return tqdm(range(start, stop), initial=start, total=stop, desc="train")
+        return range(start, stop)
+
+    def _finish(self) -> dict[str, Any]:
+        seconds = self._seconds()
+        rows = read_metrics(self.output_dir / "metrics.jsonl") if self.env.is_main else []
+        losses = [r["loss"] for r in rows if "loss" in r]
+        results = {"steps": self.step, "final_loss": losses[-1] if losses else None,
+                   "first_logged_loss": losses[0] if losses else None,
+                   "nonfinite_steps": self.nonfinite.total,
+                   "nonfinite_parts": dict(self.nonfinite.parts), **self.stream.stats,
+                   "train_seconds": round(seconds, 2),
+                   # packed (non-padding) tokens, every process of the run counted once
+                   "tokens_per_second": round(self.stream.stats["tokens"] / max(seconds, 1e-9), 1),
+                   "final": str(self.output_dir / "final")}
+        if self.env.is_main:
+            export(self.model, self.tokenizer, self.output_dir / "final", self.cfg)
+            atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
+        barrier()
+        return results
+
+
+def export(model: nn.Module, tokenizer: Any, out: pathlib.Path, cfg: LMConfig) -> None:
+    """``out`` as a ``save_pretrained`` directory, replaced atomically (written beside it
+    and renamed): the merged model with LoRA and ``export.merge_lora``, else the adapter."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    to_save = model
+    if cfg.model.lora.enabled and cfg.export.merge_lora:
+        to_save = model.merge_and_unload()  # the end of the run: the adapters merged in place
+    elif cfg.model.lora.enabled:
+        # the base as a path the adapter can be loaded from anywhere
+        to_save.peft_config["default"].base_model_name_or_path = str(
+            pathlib.Path(str(cfg.model.path)).expanduser().resolve())
+    to_save.save_pretrained(str(tmp))
+    tokenizer.save_pretrained(str(tmp))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+def run(cfg: LMConfig) -> dict[str, Any]:
+    return LMTrainer(cfg).fit()
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    cfg = parse_config(argv, "Continued pretraining of a causal LM", schema=LMConfig)
+    setup_logging()
+    results = exit_on_run_error(lambda: run(cfg))
+    print(json.dumps(results))
+    return results
+
+
+if __name__ == "__main__":
+    main()
