@@ -134,7 +134,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 512):  # noqa: ANN201 (a
 
 
 def tiny_qwen2(vocab_size: int, seed: int = 0, hidden_size: int = 64, layers: int = 2,
-               heads: int = 4, kv_heads: int = 2, max_positions: int = 512):  # noqa: ANN201
+               heads: int = 4, kv_heads: int = 2, max_positions: int = 2048):  # noqa: ANN201
     """A randomly initialised Qwen2ForCausalLM of the given size (fp32, eager attention)."""
     import torch
     from transformers import Qwen2Config, Qwen2ForCausalLM
