@@ -14,6 +14,8 @@ resume checks and repairs before the run continues.
   architecture (the schema's ``ARCHITECTURE_KEYS``: backbone, heads, designer kind, ...)
   is refused with one line naming the keys; other changes are warned about and then
   used, which is how a run is extended (``train.steps``) or its logging changed.
+- :func:`resume_from_newest`: both of the above, then the trainer's ``load_state_dict``;
+  a state that does not fit (a shape no config key explains) is one ResumeError.
 - :func:`read_metrics` / :func:`truncate_metrics`: ``metrics.jsonl`` rows, tolerating the
   torn last line a killed write leaves (skipped with a warning).
 - :func:`remove_stale_temporaries`: partial files of killed checkpoint writes (one
@@ -25,6 +27,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+from collections.abc import Callable
 from typing import Any
 
 from omegaconf import OmegaConf
@@ -101,6 +104,24 @@ def newest_readable_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, d
         raise ResumeError(f"none of the {len(candidates)} checkpoints in {directory} can be read "
                           f"(newest: {candidates[-1].name}); move them away to start fresh")
     return None
+
+
+def resume_from_newest(directory: pathlib.Path, cfg: Any,
+                       load_state_dict: Callable[[dict[str, Any]], None]) -> pathlib.Path | None:
+    """Load the newest readable checkpoint of ``directory`` into a trainer, once its config
+    is accepted; the checkpoint's path, or None (with a log line) when there is none."""
+    found = newest_readable_checkpoint(directory)
+    if found is None:
+        log.info("train.resume=true but no checkpoint in %s: starting fresh", directory)
+        return None
+    path, state = found
+    check_resume_config(state, cfg, path)
+    try:
+        load_state_dict(state)
+    except (RuntimeError, ValueError, KeyError) as error:  # a shape no config key explains
+        first = str(error).strip().splitlines()[0]
+        raise ResumeError(f"cannot resume {path}: its state does not fit this run ({first})") from error
+    return path
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

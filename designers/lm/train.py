@@ -49,11 +49,9 @@ from dinov.distributed import (
 )
 from dinov.runs import (
     NonFiniteSteps,
-    ResumeError,
-    check_resume_config,
-    newest_readable_checkpoint,
     read_metrics,
     remove_stale_temporaries,
+    resume_from_newest,
     truncate_metrics,
 )
 from eval.lm import apply_lora, check_positions, load_causal_lm, trainable_state
@@ -206,16 +204,9 @@ class LMTrainer:
     def _maybe_resume(self) -> None:
         if not self.cfg.train.resume:
             return
-        found = newest_readable_checkpoint(self.checkpoint_dir)
-        if found is None:
-            log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
+        path = resume_from_newest(self.checkpoint_dir, self.cfg, self.load_state_dict)
+        if path is None:
             return
-        path, state = found
-        check_resume_config(state, self.cfg, path)
-        try:
-            self.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as error:
-            raise ResumeError(f"cannot resume {path}: {str(error).splitlines()[0]}") from error
         if self.env.is_main:
             truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)

@@ -42,11 +42,9 @@ from dinov.distributed import (
 from dinov.plots import plot_run
 from dinov.runs import (
     NonFiniteSteps,
-    ResumeError,
-    check_resume_config,
-    newest_readable_checkpoint,
     read_metrics,
     remove_stale_temporaries,
+    resume_from_newest,
     truncate_metrics,
 )
 from dinov.train.data import BatchStream, build_pretraining_dataset
@@ -161,17 +159,9 @@ class Trainer:
         """Continue from the newest readable checkpoint, once its config is accepted."""
         if not self.cfg.train.resume:
             return
-        found = newest_readable_checkpoint(self.checkpoint_dir)
-        if found is None:
-            log.info("train.resume=true but no checkpoint in %s: starting fresh", self.checkpoint_dir)
+        path = resume_from_newest(self.checkpoint_dir, self.cfg, self.load_state_dict)
+        if path is None:
             return
-        path, state = found
-        check_resume_config(state, self.cfg, path)
-        try:
-            self.load_state_dict(state)
-        except (RuntimeError, ValueError, KeyError) as error:  # a shape no config key explains
-            first = str(error).strip().splitlines()[0]
-            raise ResumeError(f"cannot resume {path}: its state does not fit this run ({first})") from error
         if self.env.is_main:
             truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
