@@ -255,7 +255,7 @@ def test_bad_model_directories_and_settings_are_named(tiny, tmp_path):
         LMTrainer(cfg_of(tiny, tmp_path / "x", "model.lora.enabled=true",
                          "model.lora.target_modules=[wq]"))
     with pytest.raises(ConfigError, match="'data.seq_len' \\(4096\\) exceeds the model's "
-                                          "max_position_embeddings \\(512\\)"):
+                                          "max_position_embeddings \\(2048\\)"):
         LMTrainer(cfg_of(tiny, tmp_path / "y", "data.seq_len=4096"))
     with pytest.raises(ConfigError, match="'optim.lr'"):
         cfg_of(tiny, tmp_path / "z", "optim.lr=-1")
@@ -268,3 +268,49 @@ def test_cli_errors_are_one_line(tiny, tmp_path, capsys):
     assert info.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "nope is not a directory" in err[0]
+
+
+@pytest.mark.parametrize("name", ["qwen2.5-0.5b_lora", "qwen2.5-0.5b_full"])
+def test_qwen_recipes_carry_the_published_settings(name):
+    path = f"configs/lm/{name}.yaml"
+    with pytest.raises(ConfigError, match="model.path"):  # marked ???: must be given
+        load_config(path, [], schema=LMConfig)
+    cfg = load_config(path, ["model.path=/m", "data.path=/d.parquet"], schema=LMConfig)
+    assert cfg.train.precision == "bf16" and cfg.data.shuffle_buffer == 10000
+    assert cfg.data.prompt_template.format(problem="p") == "Question: p\nAnswer: "
+    if name.endswith("lora"):
+        lora = cfg.model.lora
+        assert lora.enabled and (lora.r, lora.alpha, lora.dropout) == (8, 16, 0.05)
+        assert set(lora.target_modules) == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                            "up_proj", "down_proj"}
+        assert (cfg.optim.lr, cfg.train.micro_batch_size, cfg.train.grad_accum) == (2e-4, 4, 8)
+        assert cfg.train.steps == 2000 and cfg.data.seq_len == 1024
+    else:
+        assert not cfg.model.lora.enabled and cfg.optim.lr == 1.5e-5
+        assert (cfg.train.micro_batch_size, cfg.train.grad_accum, cfg.data.seq_len) == (4, 32, 512)
+
+
+def _gsm8k_dir() -> pathlib.Path:
+    return pathlib.Path(os.environ.get("GSM8K_DIR",
+                                       pathlib.Path(__file__).resolve().parents[2] / "shared/data/gsm8k"))
+
+
+def test_feedback_pool_is_a_seeded_sample_of_the_real_train_split(tiny):
+    from designers.lm.data import feedback_documents, feedback_pool
+
+    train = _gsm8k_dir() / "train.jsonl"
+    if not train.is_file():
+        pytest.skip(f"the real GSM8K is not at {train} (set GSM8K_DIR)")
+    pool = feedback_pool(train, 1024, seed=0)
+    assert len(pool) == 1024 and len({ex.index for ex in pool}) == 1024
+    assert [ex.index for ex in pool] == sorted(ex.index for ex in pool)
+    assert [ex.index for ex in feedback_pool(train, 1024, seed=0)] == [ex.index for ex in pool]
+    assert [ex.index for ex in feedback_pool(train, 1024, seed=1)] != [ex.index for ex in pool]
+    assert max(ex.index for ex in pool) < 7473
+    _, tokenizer = load_causal_lm(LMModelConfig(path=str(tiny["model"])))
+    docs = feedback_documents(pool[:3], tokenizer, LMDataConfig())
+    for doc, ex in zip(docs, pool[:3], strict=True):
+        answer = [t for t in doc.labels if t != IGNORE_INDEX]
+        assert tokenizer.decode(answer[:-1]) == ex.answer and answer[-1] == tokenizer.eos_token_id
+    with pytest.raises(ValueError, match="pool_size=8000 but .* holds 7473"):
+        feedback_pool(train, 8000, seed=0)

@@ -232,3 +232,22 @@ def rows_of_rank(batch: dict[str, Tensor], rank: int, world_size: int,
 def label_count(batch: dict[str, Tensor]) -> int:
     """Tokens the loss counts in ``batch``: labels not ignored, after the causal shift."""
     return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
+
+
+# ----------------------------------------------------------------------------- feedback
+def feedback_pool(path: str | pathlib.Path, size: int, seed: int) -> list[Any]:
+    """``size`` GSM8K examples of the train split at ``path`` (the designer's feedback
+    pool; published: 1,024), drawn without replacement with ``seed``, in file order."""
+    from eval.gsm8k import read_gsm8k
+
+    examples = read_gsm8k(path)
+    if size > len(examples):
+        raise ValueError(f"feedback.pool_size={size} but {path} holds {len(examples)} examples")
+    chosen = sorted(random.Random(seed).sample(range(len(examples)), size))
+    return [examples[i] for i in chosen]
+
+
+def feedback_documents(pool: list[Any], tokenizer: Any, cfg: LMDataConfig) -> list[Document]:
+    """The pool as documents of the pretraining format (question as the prompt, the worked
+    answer as the answer): the feedback loss is the mean NLL of their answer tokens."""
+    return [tokenize_document(tokenizer, ex.question, ex.answer, cfg) for ex in pool]
