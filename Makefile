@@ -26,7 +26,7 @@ test: $(STAMP)
 	$(PY) -m pytest -m "not mmseg and not gpu" tests
 
 lint: $(STAMP)
-	$(PY) -m ruff check dinov designers eval tests benchmarks
+	$(PY) -m ruff check dinov designers eval slurm tests benchmarks
 
 bench: $(STAMP)
 	$(PY) benchmarks/step.py

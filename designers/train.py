@@ -17,6 +17,11 @@ from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.train.trainer import Trainer
 
 
+def config_schema() -> type:
+    """The config this entry point reads (``slurm.submit`` validates against it)."""
+    return vconfig_schema()
+
+
 def run(cfg: VConfig) -> dict[str, Any]:
     """Train one V-pretraining run; returns the trainer's results."""
     return Trainer(cfg, hooks=[VisionDesignerHook(cfg)]).fit()
@@ -24,7 +29,7 @@ def run(cfg: VConfig) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     cfg = parse_config(argv, "V-pretraining: a learner with a task designer",
-                       schema=vconfig_schema())
+                       schema=config_schema())
     setup_logging()
     results = exit_on_run_error(lambda: run(cfg))
     print(json.dumps(results, indent=2))

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import signal
 import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
@@ -32,6 +33,18 @@ def check_choice(key: str, value: Any, allowed: tuple[Any, ...]) -> None:
     """Raise ConfigError naming ``key`` unless ``value`` is one of ``allowed``."""
     if value not in allowed:
         raise ConfigError(f"config key '{key}' must be one of {list(allowed)}, got {value!r}")
+
+
+PREEMPT_SIGNALS = ("SIGUSR2", "SIGTERM")  # submitit's requeue signal (USR1 may be NCCL's)
+
+
+def check_preemption(signals: list[str], save_every_minutes: float) -> None:
+    """``train.preempt_signals`` are signal names; ``train.save_every_minutes`` >= 0."""
+    for name in signals:
+        if not isinstance(getattr(signal, name, None), signal.Signals):
+            raise ConfigError(f"config key 'train.preempt_signals' must hold signal names such as "
+                              f"SIGUSR2 or SIGTERM, got {name!r}")
+    check_range("train.save_every_minutes", save_every_minutes, 0)
 
 
 def check_range(key: str, value: float | int, low: float | None = None,
@@ -299,8 +312,13 @@ class TrainConfig:
     max_nonfinite_steps: int = 10
     progress: str = "auto"
     plots: bool = True
+    # save and stop at the next step on these signals (dinov.preemption); also save
+    # every this many minutes of wall time (0: only at checkpoint_every)
+    preempt_signals: list[str] = field(default_factory=lambda: list(PREEMPT_SIGNALS))
+    save_every_minutes: float = 0.0
 
     def __post_init__(self) -> None:
+        check_preemption(self.preempt_signals, self.save_every_minutes)
         check_choice("train.precision", self.precision, ("fp32", "bf16"))
         check_choice("train.progress", self.progress, ("auto", "tqdm", "log", "none"))
         check_range("train.steps", self.steps, 1)
@@ -322,14 +340,19 @@ class LogConfig:
 
 @dataclass
 class DistributedConfig:
-    """``strategy``: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp`` or ``none``."""
+    """``strategy``: ``auto`` (DDP when launched with several processes), ``ddp``, ``fsdp`` or
+    ``none``. ``timeout_minutes``: how long a collective waits for the other ranks before
+    the process group gives up (torch's default is 10 minutes for NCCL, 30 for gloo; a
+    save of a large sharded state or a slow file system may need more)."""
 
     strategy: str = "auto"
     backend: str = "auto"
+    timeout_minutes: float = 30.0
 
     def __post_init__(self) -> None:
         check_choice("dist.strategy", self.strategy, ("auto", "ddp", "fsdp", "none"))
         check_choice("dist.backend", self.backend, ("auto", "nccl", "gloo"))
+        check_range("dist.timeout_minutes", self.timeout_minutes, 0, low_open=True)
 
 
 @dataclass
@@ -341,6 +364,8 @@ class Config:
     """
 
     TRAINER: ClassVar[str] = "dinov.train"  # the entry point whose checkpoints this schema resumes
+    # files and folders the run reads: checked before a job is submitted (slurm.submit)
+    INPUT_PATH_KEYS: ClassVar[tuple[str, ...]] = ("data.path", "model.weights")
     ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
         "model.arch", "model.img_size", "model.patch_size", "model.embed_dim", "model.depth",
         "model.num_heads", "model.num_register_tokens", "head",
@@ -439,8 +464,23 @@ def load_config(
     """Schema defaults <- YAML at ``path`` <- ``key=value`` overrides; returns a typed object.
 
     Values are checked by the schema's own ``__post_init__`` (ranges, choices), so every
-    check lives next to its field.
+    check lives next to its field. A key a YAML file marks ``???`` and nothing sets is an
+    error naming it and the file.
     """
+    cfg, unset = load_config_with_unset(path, overrides, schema)
+    if unset:
+        raise ConfigError(f"config keys required but without a value: {', '.join(unset)}; "
+                          f"set them as key=value")
+    return cfg
+
+
+def load_config_with_unset(
+    path: str | pathlib.Path | None,
+    overrides: list[str] | None = None,
+    schema: type[ConfigT] = Config,  # type: ignore[assignment]
+) -> tuple[ConfigT, list[str]]:
+    """:func:`load_config`, but the ``???`` keys nothing set are returned (as None in the
+    config, and each described with its file) instead of refused: what a dry run shows."""
     cfg = OmegaConf.structured(schema)
     required: dict[str, pathlib.Path] = {}  # keys a YAML file marks ??? (merging drops the mark)
     if path is not None:
@@ -453,11 +493,8 @@ def load_config(
         cfg = _merge(cfg, OmegaConf.from_dotlist([item]), "command line", schema)
     unset = [f"'{key}' (marked ??? in {yaml_path})" for key, yaml_path in required.items()
              if OmegaConf.select(cfg, key, default=None) is None]
-    if unset:
-        raise ConfigError(f"config keys required but without a value: {', '.join(unset)}; "
-                          f"set them as key=value")
     try:
-        return typing.cast(ConfigT, OmegaConf.to_object(cfg))
+        return typing.cast(ConfigT, OmegaConf.to_object(cfg)), unset
     except MissingMandatoryValue as error:
         raise ConfigError(f"config key '{error.full_key}' is required but has no value "
                           f"(set it in the YAML file or as {error.full_key}=...)") from None

@@ -20,6 +20,7 @@ or FSDP run loads in a single-process run and in the eval tools.
 from __future__ import annotations
 
 import contextlib
+import datetime
 import itertools
 import os
 import re
@@ -33,7 +34,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from dinov.config import DistributedConfig
+from dinov.config import ConfigError, DistributedConfig
 
 STRATEGIES = ("auto", "ddp", "fsdp", "none")
 _BLOCK_NAME = re.compile(r"(?:^|\.)blocks\.\d+$")
@@ -84,6 +85,12 @@ def detect_env() -> DistEnv:
         return DistEnv(int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]),
                        int(os.environ.get("LOCAL_RANK", 0)))
     if "SLURM_PROCID" in os.environ and int(os.environ.get("SLURM_NTASKS", "1")) > 1:
+        if "SLURM_STEP_NUM_TASKS" not in os.environ:  # srun sets it for every task it starts
+            raise ConfigError(
+                f"SLURM_NTASKS={os.environ['SLURM_NTASKS']} but this process was not started by "
+                f"srun (no SLURM_STEP_NUM_TASKS): the other ranks would never come. Start the "
+                f"run with srun, torchrun or python -m slurm.submit, or set dist.strategy=none "
+                f"for one process")
         env = DistEnv(int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"]),
                       int(os.environ.get("SLURM_LOCALID", 0)))
         os.environ.setdefault("MASTER_ADDR", _first_slurm_host(os.environ.get("SLURM_JOB_NODELIST", "127.0.0.1")))
@@ -96,7 +103,12 @@ def init_distributed(cfg: DistributedConfig) -> tuple[DistEnv, torch.device]:
     """Initialise the process group when there are several processes; pick the device."""
     if cfg.strategy not in STRATEGIES:
         raise ValueError(f"dist.strategy must be one of {STRATEGIES}, got {cfg.strategy!r}")
-    env = detect_env()
+    try:
+        env = detect_env()
+    except ConfigError:  # SLURM_NTASKS>1 outside srun: fine for a run that is one process
+        if cfg.strategy != "none":
+            raise
+        env = DistEnv()
     if torch.cuda.is_available():
         torch.cuda.set_device(env.local_rank)
         device = torch.device("cuda", env.local_rank)
@@ -107,7 +119,8 @@ def init_distributed(cfg: DistributedConfig) -> tuple[DistEnv, torch.device]:
         backend = cfg.backend if cfg.backend != "auto" else ("nccl" if device.type == "cuda" else "gloo")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
         os.environ.setdefault("MASTER_PORT", "29500")
-        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size)
+        dist.init_process_group(backend, rank=env.rank, world_size=env.world_size,
+                                timeout=datetime.timedelta(minutes=cfg.timeout_minutes))
     return env, device
 
 
@@ -235,12 +248,25 @@ def all_ranks_finite(tensor: torch.Tensor) -> bool:
     A step is skipped on all ranks or on none: a rank that skipped backward alone would
     leave the others waiting in DDP's or FSDP's gradient collectives forever.
     """
-    finite = torch.isfinite(tensor.detach()).all()
-    if is_distributed():
-        flag = finite.to(torch.int32)
-        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
-        finite = flag.bool()
-    return bool(finite)
+    return agree_step(tensor)[0]
+
+
+def agree_step(loss: torch.Tensor, stop: bool = False, save: bool = False) -> tuple[bool, bool, bool]:
+    """What all ranks agree on at a step, in the one all-reduce the step makes anyway:
+    (``loss`` finite on every rank, some rank asks to ``stop``, some rank asks to ``save``).
+
+    The two requests (:mod:`dinov.preemption`) ride on the finiteness check, so a signal
+    that reached one rank makes every rank save the same step at no extra collective.
+    """
+    finite = torch.isfinite(loss.detach()).all()
+    if not is_distributed():
+        return bool(finite), stop, save
+    # MIN of (finite, not stop, not save): any rank's request wins, any non-finite rank too
+    flags = torch.stack([finite, torch.tensor(not stop, device=finite.device),
+                         torch.tensor(not save, device=finite.device)]).to(torch.int32)
+    dist.all_reduce(flags, op=dist.ReduceOp.MIN)
+    agreed_finite, not_stop, not_save = (bool(x) for x in flags.tolist())
+    return agreed_finite, not not_stop, not not_save
 
 
 def all_reduce_mean(tensor: torch.Tensor) -> torch.Tensor:

@@ -271,7 +271,8 @@ def test_single_process_helpers_without_a_group() -> None:
 
 
 _LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID",
-                "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID")
+                "SLURM_NTASKS", "SLURM_LOCALID", "SLURM_JOB_NODELIST", "SLURM_JOB_ID",
+                "SLURM_STEP_NUM_TASKS")
 
 
 @pytest.fixture
@@ -292,10 +293,24 @@ def test_slurm_env_detection(clean_env: pytest.MonkeyPatch) -> None:
     clean_env.setenv("SLURM_LOCALID", "1")
     clean_env.setenv("SLURM_JOB_NODELIST", "node[01-04,07]")
     clean_env.setenv("SLURM_JOB_ID", "123456")
+    clean_env.setenv("SLURM_STEP_NUM_TASKS", "8")  # started by srun
     env = distributed.detect_env()
     assert env == distributed.DistEnv(rank=5, world_size=8, local_rank=1) and not env.is_main
     assert os.environ["MASTER_ADDR"] == "node01"
     assert os.environ["MASTER_PORT"] == str(20000 + 123456 % 20000)
+
+
+def test_slurm_tasks_outside_srun_are_refused(clean_env: pytest.MonkeyPatch, tmp_path: pathlib.Path) -> None:
+    """sbatch --ntasks=8 running python directly: one process that would wait forever."""
+    from dinov.config import ConfigError, DistributedConfig
+
+    clean_env.setenv("SLURM_PROCID", "0")
+    clean_env.setenv("SLURM_NTASKS", "8")
+    with pytest.raises(ConfigError, match=r"SLURM_NTASKS=8 but this process was not started by srun"):
+        distributed.init_distributed(DistributedConfig())
+    # one process is what dist.strategy=none asks for: allowed
+    env, _ = distributed.init_distributed(DistributedConfig(strategy="none"))
+    assert env == distributed.DistEnv()
 
 
 @pytest.mark.parametrize(("nodelist", "host"), [

@@ -12,12 +12,12 @@ import ast
 import pathlib
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
-PACKAGES = ("dinov", "eval", "designers", "demo")
+PACKAGES = ("dinov", "eval", "designers", "demo", "slurm")
 # the modality-free meta core: the LM module will drive it as the vision hook does
 CORE = ("designers", "designers.meta", "designers.calibration", "designers.registry",
         "designers.value", "designers.config")
 DINOV_GENERIC = ("dinov", "dinov.config", "dinov.checkpoint", "dinov.distributed", "dinov.runs",
-                 "dinov.cli")
+                 "dinov.cli", "dinov.preemption")
 LANGUAGE_EVAL = ("eval", "eval.pipeline", "eval.lm", "eval.gsm8k")
 # module prefix -> what its modules may import of ours
 RULES: dict[str, tuple[str, ...]] = {
@@ -32,6 +32,8 @@ RULES: dict[str, tuple[str, ...]] = {
     "eval.gsm8k": ("eval.gsm8k", *LANGUAGE_EVAL, *DINOV_GENERIC),
     "designers.lm": ("designers.lm.*", *CORE, *LANGUAGE_EVAL, *DINOV_GENERIC),
     "demo": ("demo.*", "designers.*", "dinov.*", "eval.*"),
+    # the launcher: the generic learner parts; entry points are imported by name at run time
+    "slurm": ("slurm.*", *DINOV_GENERIC),
 }
 
 

@@ -10,7 +10,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import ClassVar
 
-from dinov.config import DistributedConfig, LogConfig, check_choice, check_range
+from dinov.config import (
+    PREEMPT_SIGNALS,
+    DistributedConfig,
+    LogConfig,
+    check_choice,
+    check_preemption,
+    check_range,
+)
 from eval.lm import LMModelConfig
 
 OVERLONG = ("split", "drop")
@@ -98,8 +105,11 @@ class LMTrainConfig:
     stop_at_step: int | None = None
     max_nonfinite_steps: int = 10
     progress: str = "auto"
+    preempt_signals: list[str] = field(default_factory=lambda: list(PREEMPT_SIGNALS))
+    save_every_minutes: float = 0.0  # as the vision trainer's (dinov.preemption)
 
     def __post_init__(self) -> None:
+        check_preemption(self.preempt_signals, self.save_every_minutes)
         check_range("train.steps", self.steps, 1)
         check_range("train.micro_batch_size", self.micro_batch_size, 1)
         check_range("train.grad_accum", self.grad_accum, 1)
@@ -136,6 +146,7 @@ class LMConfig:
     """A complete language-model run."""
 
     TRAINER: ClassVar[str] = "designers.lm.train"
+    INPUT_PATH_KEYS: ClassVar[tuple[str, ...]] = ("model.path", "data.path", "feedback.train")
     ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
         "model.path", "model.lora.enabled", "model.lora.r", "model.lora.alpha",
         "model.lora.target_modules",

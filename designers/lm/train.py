@@ -40,13 +40,14 @@ from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_
 from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.config import save_config, to_yaml
 from dinov.distributed import (
-    all_ranks_finite,
+    agree_step,
     all_reduce_mean,
     barrier,
     gather_objects,
     init_distributed,
     rank_rng_state,
 )
+from dinov.preemption import StopRequests, stopped_results
 from dinov.runs import (
     NonFiniteSteps,
     read_metrics,
@@ -134,6 +135,8 @@ class LMTrainer:
         self.pending: list[float] = []  # step losses since the last log row (checkpointed)
         self.history: dict[str, Any] = {"train_seconds": 0.0}
         self._clock = time.perf_counter()
+        # a signal or the save clock: saved at the step all ranks agree on (dinov.preemption)
+        self.stop_requests = StopRequests(cfg.train.preempt_signals, cfg.train.save_every_minutes)
 
     # ----- one step ------------------------------------------------------------------
     def train_step(self) -> float | None:
@@ -155,7 +158,10 @@ class LMTrainer:
                 # DDP averages gradients over ranks: x world makes them the global mean
                 (loss_sum * (world / tokens)).backward()
             total += loss_sum.detach()
-        if not all_ranks_finite(total):
+        # the step's one agreement: finite on all ranks, with the stop / save requests
+        finite, stop, save = agree_step(total, *self.stop_requests.local())
+        self.stop_requests.agreed(stop, save)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.nonfinite.record("learner loss", self.step)
             return None
@@ -200,6 +206,7 @@ class LMTrainer:
         if self.env.is_main:
             save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
         barrier()
+        self.stop_requests.saved()
 
     def _maybe_resume(self) -> None:
         if not self.cfg.train.resume:
@@ -220,16 +227,25 @@ class LMTrainer:
         self._maybe_resume()
         if self.env.is_main:  # only once a resume is accepted
             save_config(self.cfg, self.output_dir / "config.yaml")
-        stop = min(cfg.steps, cfg.stop_at_step or cfg.steps)
+        with self.stop_requests:
+            self._train(min(cfg.steps, cfg.stop_at_step or cfg.steps))
+        if self.step < cfg.steps:
+            results = stopped_results(self.step, self.stop_requests)
+            if "preempted_at_step" in results:
+                self.stop_requests.requeue(self.env.is_main)  # submitit's handler may exit here
+            return results
+        return self._finish()
+
+    def _train(self, stop: int) -> None:
         for _ in self._progress(self.step, stop):
             loss = self.train_step()
             if loss is not None:
                 self.pending.append(loss)
             self.step += 1
             self._after_step()
-        if self.step < cfg.steps:
-            return {"stopped_at_step": self.step}
-        return self._finish()
+            if self.stop_requests.stop:
+                log.info("saved step %d and stopping: %s", self.step, self.stop_requests.describe())
+                break
 
     def _after_step(self) -> None:
         cfg, step = self.cfg.train, self.step
@@ -244,7 +260,8 @@ class LMTrainer:
                     handle.write(json.dumps(row) + "\n")
                 if cfg.progress in ("log", "auto") and not sys.stderr.isatty():
                     log.info("step %d/%d loss %.4f", step, cfg.steps, row.get("loss", math.nan))
-        if step % cfg.checkpoint_every == 0 or step == cfg.steps or step == cfg.stop_at_step:
+        requested = self.stop_requests.stop or self.stop_requests.save
+        if step % cfg.checkpoint_every == 0 or step in (cfg.steps, cfg.stop_at_step) or requested:
             self.save()
 
     def _progress(self, start: int, stop: int) -> Any:
@@ -290,6 +307,11 @@ def export(model: nn.Module, tokenizer: Any, out: pathlib.Path, cfg: LMConfig) -
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
+
+
+def config_schema() -> type:
+    """The config this entry point reads (``slurm.submit`` validates against it)."""
+    return LMConfig
 
 
 def run(cfg: LMConfig) -> dict[str, Any]:

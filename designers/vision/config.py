@@ -164,6 +164,8 @@ class VConfig(Config):
     """
 
     TRAINER: ClassVar[str] = "designers.train"
+    INPUT_PATH_KEYS: ClassVar[tuple[str, ...]] = (
+        *Config.INPUT_PATH_KEYS, "feedback.ade20k_root", "feedback.nyu_split_file", "feedback.nyu_root")
     ARCHITECTURE_KEYS: ClassVar[tuple[str, ...]] = (
         *Config.ARCHITECTURE_KEYS, "designer.kind", "designer.fixed", "designer.augment.local",
         "feedback.source", "feedback.seg_num_classes", "feedback.depth_head_mode",

@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
 from dinov.config import Config, ConfigError, save_config, to_yaml
 from dinov.distributed import (
-    all_ranks_finite,
+    agree_step,
     all_reduce_mean,
     barrier,
     gather_objects,
@@ -40,6 +40,7 @@ from dinov.distributed import (
     wrap_model,
 )
 from dinov.plots import plot_run
+from dinov.preemption import StopRequests, stopped_results
 from dinov.runs import (
     NonFiniteSteps,
     read_metrics,
@@ -95,6 +96,8 @@ class Trainer:
         self._clock: tuple[float, float] = (0.0, time.perf_counter())  # (seconds before, start)
         self._hook_values: dict[str, float] = {}  # this step's, for its metrics row
         self._tensorboard: Any = None
+        # a signal or the save clock: saved at the step all ranks agree on (dinov.preemption)
+        self.stop_requests = StopRequests(cfg.train.preempt_signals, cfg.train.save_every_minutes)
         self.learner = LearnerContext(model=self.model, device=self.device, rank=self.env.rank,
                                       world_size=self.env.world_size, fsdp=uses_fsdp(cfg.dist),
                                       record_nonfinite=self.record_nonfinite)
@@ -165,6 +168,9 @@ class Trainer:
         if self.env.is_main:
             truncate_metrics(self.output_dir / "metrics.jsonl", self.step)
         log.info("resumed from %s at step %d", path, self.step)
+        if self.cfg.model.weights:  # one command serves the first launch and every requeue
+            log.info("the checkpoint wins over model.weights=%s (the weights of a first launch)",
+                     self.cfg.model.weights)
 
     def save(self) -> pathlib.Path | None:
         """Every rank gathers (collectives), rank 0 writes, then all wait for the file."""
@@ -173,6 +179,7 @@ class Trainer:
         if self.env.is_main:
             path = save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
         barrier()  # a rank that resumes or stops next must find the file complete
+        self.stop_requests.saved()
         return path
 
     # ----- one step --------------------------------------------------------------------
@@ -199,8 +206,11 @@ class Trainer:
         apply_schedule(self.optimizer, sched["lr"], sched["weight_decay"], sched["last_layer_lr"])
         self.optimizer.zero_grad(set_to_none=True)
         losses, targets = self.model(task, sched["teacher_temp"])
-        # the one sync per step: needed to skip; agreed by all ranks, or DDP/FSDP would hang
-        if not all_ranks_finite(losses["total"]):
+        # the one sync per step: needed to skip; agreed by all ranks, or DDP/FSDP would
+        # hang. The stop and save requests ride on it (no extra collective).
+        finite, stop, save = agree_step(losses["total"], *self.stop_requests.local())
+        self.stop_requests.agreed(stop, save)
+        if not finite:
             self.optimizer.zero_grad(set_to_none=True)
             self.record_nonfinite("learner loss")
             return None
@@ -273,10 +283,14 @@ class Trainer:
             return finished
         self._tensorboard = self._open_tensorboard()
         try:
-            return self._train()
+            with self.stop_requests:
+                results = self._train()
         finally:
             if self._tensorboard is not None:
                 self._tensorboard.close()
+        if "preempted_at_step" in results:
+            self.stop_requests.requeue(self.env.is_main)  # submitit's handler may exit here
+        return results
 
     def _train(self) -> dict[str, Any]:
         cfg = self.cfg
@@ -292,10 +306,13 @@ class Trainer:
                 self.pending.append(losses)
             self.step += 1
             self._after_step(bar)
+            if self.stop_requests.stop:
+                log.info("saved step %d and stopping: %s", self.step, self.stop_requests.describe())
+                break
         self.history["train_seconds"] = self.train_seconds()
         if self.step >= cfg.train.steps:
             return self._finish()
-        return {"stopped_at_step": self.step}
+        return stopped_results(self.step, self.stop_requests)
 
     def _results_of_finished_run(self) -> dict[str, Any] | None:
         """A resumed run that had already finished: its results.json, untouched."""
@@ -324,7 +341,8 @@ class Trainer:
         row.update(self._hook_values)  # e.g. a meta step's V and calibration pair
         if row:
             self._log({"step": step, **row})
-        if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps or step == cfg.train.stop_at_step:
+        requested = self.stop_requests.stop or self.stop_requests.save
+        if step % cfg.train.checkpoint_every == 0 or step in (cfg.train.steps, cfg.train.stop_at_step) or requested:
             self.save()
 
     def _loss_row(self, pending: list[dict[str, torch.Tensor]]) -> dict[str, Any]:
