@@ -4,6 +4,7 @@ A checkpoint is written to a temporary file in the same directory, flushed and f
 then renamed over its final name (``os.replace`` is atomic on POSIX), and the directory
 is fsynced. A process killed mid-write therefore leaves at most a stray ``*.tmp`` file
 and every ``checkpoint_*.pt`` on disk is complete. Only the newest ``keep_last`` are kept.
+Sharded checkpoints (directories written through DCP) are :mod:`dinov.sharded`'s.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import os
 import pathlib
 import random
 import re
+import shutil
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
@@ -19,6 +21,7 @@ import numpy as np
 import torch
 
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
+_SHARDED_NAME = re.compile(r"^checkpoint_(\d{8})$")  # a directory (dinov.sharded)
 
 
 def checkpoint_path(directory: str | pathlib.Path, step: int) -> pathlib.Path:
@@ -26,12 +29,30 @@ def checkpoint_path(directory: str | pathlib.Path, step: int) -> pathlib.Path:
 
 
 def list_checkpoints(directory: str | pathlib.Path) -> list[pathlib.Path]:
-    """Complete checkpoints in ``directory``, oldest first (temporary files are ignored)."""
+    """Complete checkpoints in ``directory``, oldest first: ``checkpoint_<step>.pt`` files
+    and sharded ``checkpoint_<step>/`` directories with their DCP metadata (temporaries
+    are ignored). Of a step saved both ways the sharded one comes last."""
     directory = pathlib.Path(directory)
     if not directory.is_dir():
         return []
-    found = [(int(m.group(1)), p) for p in directory.iterdir() if (m := _NAME.match(p.name))]
-    return [p for _, p in sorted(found)]
+    found = []
+    for path in directory.iterdir():
+        if (m := _NAME.match(path.name)) and path.is_file():
+            found.append((int(m.group(1)), 0, path))
+        elif (m := _SHARDED_NAME.match(path.name)) and (path / ".metadata").is_file():
+            found.append((int(m.group(1)), 1, path))
+    return [p for _, _, p in sorted(found)]
+
+
+def prune_checkpoints(directory: str | pathlib.Path, keep_last: int) -> None:
+    """Remove all but the newest ``keep_last`` checkpoints (files and directories)."""
+    if keep_last <= 0:
+        return
+    for old in list_checkpoints(directory)[:-keep_last]:
+        if old.is_dir():
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            old.unlink(missing_ok=True)
 
 
 def latest_checkpoint(directory: str | pathlib.Path) -> pathlib.Path | None:
@@ -77,9 +98,7 @@ def save_checkpoint(directory: str | pathlib.Path, step: int, state: dict[str, A
                     keep_last: int) -> pathlib.Path:
     path = checkpoint_path(directory, step)
     atomic_torch_save(state, path)
-    if keep_last > 0:
-        for old in list_checkpoints(directory)[:-keep_last]:
-            old.unlink(missing_ok=True)
+    prune_checkpoints(directory, keep_last)
     return path
 
 
@@ -130,3 +149,42 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _export_main(argv: list[str] | None = None) -> None:
+    """``python -m dinov.checkpoint export CKPT OUT.pt``: a sharded checkpoint as one file."""
+    import argparse
+    import json
+    import sys
+
+    from dinov.sharded import export_single_file, is_sharded
+
+    parser = argparse.ArgumentParser(prog="python -m dinov.checkpoint",
+                                     description="Write the single file the eval tools read "
+                                                 "from a sharded (checkpoint.format=dcp) checkpoint.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    export = sub.add_parser("export", help="sharded checkpoint -> one .pt file")
+    export.add_argument("checkpoint", type=pathlib.Path,
+                        help="a checkpoint_<step>/ directory, or a run's checkpoints/ or output_dir "
+                             "(its newest sharded checkpoint)")
+    export.add_argument("out", type=pathlib.Path)
+    args = parser.parse_args(argv)
+    source: pathlib.Path = args.checkpoint
+    if not is_sharded(source):
+        folder = source / "checkpoints" if (source / "checkpoints").is_dir() else source
+        sharded = [p for p in list_checkpoints(folder) if p.is_dir()]
+        if not sharded:
+            print(f"error: {source} is not a sharded checkpoint (a checkpoint_<step>/ directory "
+                  f"with .metadata) and holds none", file=sys.stderr)
+            raise SystemExit(2)
+        source = sharded[-1]
+    try:
+        summary = export_single_file(source, args.out)
+    except RuntimeError as error:
+        print(f"error: {error}", file=sys.stderr)
+        raise SystemExit(1) from None
+    print(json.dumps({"checkpoint": str(source), **summary}))
+
+
+if __name__ == "__main__":
+    _export_main()

@@ -331,6 +331,19 @@ class TrainConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    """How checkpoints are written: ``file`` (one atomic file: every rank's state gathered
+    on rank 0), ``dcp`` (a sharded directory through torch.distributed.checkpoint: each
+    rank writes its shards, it loads on any world size; :mod:`dinov.sharded`) or ``auto``
+    (``dcp`` under FSDP, ``file`` otherwise). Either kind resumes either way."""
+
+    format: str = "auto"
+
+    def __post_init__(self) -> None:
+        check_choice("checkpoint.format", self.format, ("auto", "file", "dcp"))
+
+
+@dataclass
 class LogConfig:
     """Where a run's rows go besides ``metrics.jsonl``: ``tensorboard`` also writes them as
     TensorBoard scalars under ``output_dir/tensorboard`` (the ``tensorboard`` extra)."""
@@ -383,6 +396,7 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
 
 ConfigT = TypeVar("ConfigT")

@@ -389,6 +389,43 @@ def load_optimizer_state_dict(model: nn.Module, optimizer: torch.optim.Optimizer
     set_optimizer_state_dict(model, optimizer, by_fqn, options=StateDictOptions(full_state_dict=True))
 
 
+# ----- sharded state dicts (dinov.sharded) -------------------------------------------------
+def checkpoint_format(fmt: str, cfg: DistributedConfig) -> str:
+    """``checkpoint.format`` resolved: ``auto`` is ``dcp`` under FSDP, ``file`` otherwise."""
+    if fmt != "auto":
+        return fmt
+    return "dcp" if uses_fsdp(cfg) else "file"
+
+
+def sharded_model_and_optimizer(model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """FQN-keyed model and optimizer state as this rank holds it (its shards under FSDP,
+    full tensors otherwise), for ``dcp.save``; no collective, no copy."""
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+    )
+
+    return {"model": get_model_state_dict(model),
+            "optimizer": get_optimizer_state_dict(model, optimizer)}
+
+
+def load_sharded_model_and_optimizer(path: Any, model: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    """Load a sharded checkpoint's model and optimizer into this run, resharded to its
+    world size (a collective under a process group)."""
+    from torch.distributed.checkpoint.state_dict import (
+        StateDictOptions,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from dinov.sharded import load_tensors
+
+    template = sharded_model_and_optimizer(model, optimizer)
+    load_tensors(path, template)
+    set_model_state_dict(model, template["model"], options=StateDictOptions(strict=True))
+    set_optimizer_state_dict(model, optimizer, template["optimizer"])
+
+
 # ----- per-rank RNG -----------------------------------------------------------------------
 def gather_objects(obj: Any) -> list[Any]:
     """``[obj of rank 0, obj of rank 1, ...]`` on every rank (``[obj]`` in a single process)."""

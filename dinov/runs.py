@@ -6,7 +6,8 @@ resume checks and repairs before the run continues.
 - :class:`NonFiniteSteps`: one counter and one stop rule for every skipped part of a step
   (a learner loss, a meta step's stage), by part;
 
-- :func:`newest_readable_checkpoint`: the newest checkpoint that loads; a truncated or
+- :func:`newest_readable_checkpoint`: the newest checkpoint that loads (a file, or a
+  sharded directory whose shards are complete and whose run state reads); a truncated or
   unreadable newer file (disk error, an interrupted copy, a full quota) is skipped with a
   warning naming it, so an intact older checkpoint is used instead of stopping the run.
 - :func:`check_resume_config`: the checkpoint's saved config against this run's. A
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import pathlib
+import shutil
 from collections.abc import Callable
 from typing import Any
 
@@ -34,6 +36,7 @@ from omegaconf import OmegaConf
 
 from dinov.checkpoint import atomic_write_text, list_checkpoints, load_checkpoint
 from dinov.config import to_yaml
+from dinov.sharded import read_common
 
 log = logging.getLogger("dinov.train")
 
@@ -96,6 +99,8 @@ def newest_readable_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, d
     candidates = list_checkpoints(directory)
     for path in reversed(candidates):
         try:
+            if path.is_dir():  # sharded: the run state now, the tensors in load_state_dict
+                return path, {**read_common(path), "sharded_path": path}
             return path, load_checkpoint(path)
         except RuntimeError as error:
             log.warning("skipping unreadable checkpoint %s (%s); trying the one before it",
@@ -198,4 +203,7 @@ def remove_stale_temporaries(directory: pathlib.Path) -> None:
         return
     for stale in directory.glob(".*.tmp"):
         log.warning("removing %s: a checkpoint write that was cut short", stale)
-        stale.unlink(missing_ok=True)
+        if stale.is_dir():  # a sharded checkpoint's directory (dinov.sharded)
+            shutil.rmtree(stale, ignore_errors=True)
+        else:
+            stale.unlink(missing_ok=True)

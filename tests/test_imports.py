@@ -17,7 +17,7 @@ PACKAGES = ("dinov", "eval", "designers", "demo", "slurm")
 CORE = ("designers", "designers.meta", "designers.calibration", "designers.registry",
         "designers.value", "designers.config")
 DINOV_GENERIC = ("dinov", "dinov.config", "dinov.checkpoint", "dinov.distributed", "dinov.runs",
-                 "dinov.cli", "dinov.preemption")
+                 "dinov.cli", "dinov.preemption", "dinov.sharded")
 LANGUAGE_EVAL = ("eval", "eval.pipeline", "eval.lm", "eval.gsm8k")
 # module prefix -> what its modules may import of ours
 RULES: dict[str, tuple[str, ...]] = {

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 from dinov.config import (
     PREEMPT_SIGNALS,
+    CheckpointConfig,
     DistributedConfig,
     LogConfig,
     check_choice,
@@ -162,3 +163,4 @@ class LMConfig:
     synthetic: LMSyntheticConfig = field(default_factory=LMSyntheticConfig)
     log: LogConfig = field(default_factory=LogConfig)
     dist: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)

@@ -36,13 +36,20 @@ from tqdm import tqdm
 import dinov  # noqa: F401  (torchvision shim first: transformers imports torchvision)
 from designers.lm.config import LMConfig
 from designers.lm.data import IGNORE_INDEX, PackedStream, label_count, read_corpus, rows_of_rank
-from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from dinov.checkpoint import (
+    atomic_write_text,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dinov.cli import exit_on_run_error, parse_config, setup_logging
 from dinov.config import save_config, to_yaml
 from dinov.distributed import (
     agree_step,
     all_reduce_mean,
     barrier,
+    checkpoint_format,
     gather_objects,
     init_distributed,
     rank_rng_state,
@@ -55,6 +62,7 @@ from dinov.runs import (
     resume_from_newest,
     truncate_metrics,
 )
+from dinov.sharded import load_tensors, save_sharded
 from eval.lm import apply_lora, check_positions, load_causal_lm, trainable_state
 
 log = logging.getLogger("designers.lm.train")
@@ -137,6 +145,7 @@ class LMTrainer:
         self._clock = time.perf_counter()
         # a signal or the save clock: saved at the step all ranks agree on (dinov.preemption)
         self.stop_requests = StopRequests(cfg.train.preempt_signals, cfg.train.save_every_minutes)
+        self.sharded = checkpoint_format(cfg.checkpoint.format, cfg.dist) == "dcp"
 
     # ----- one step ------------------------------------------------------------------
     def train_step(self) -> float | None:
@@ -173,24 +182,33 @@ class LMTrainer:
         return float(all_reduce_mean(total)) * world / tokens
 
     # ----- state -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
+    def _common_state(self) -> dict[str, Any]:
+        """What every rank holds alike (rank 0's copy is written)."""
         return {
             "step": self.step, "config": to_yaml(self.cfg), "trainer": LMConfig.TRAINER,
-            "model": {k: v.detach().cpu() for k, v in trainable_state(self.model).items()},
-            "optimizer": self.optimizer.state_dict(), "stream": self.stream.state_dict(),
-            "rng": rng_state(), "rng_per_rank": gather_objects(rng_state()),
+            "stream": self.stream.state_dict(), "rng": rng_state(),
             "nonfinite": self.nonfinite.state_dict(), "pending": list(self.pending),
             "history": {**self.history, "train_seconds": self._seconds()},
         }
 
+    def state_dict(self) -> dict[str, Any]:
+        """The single-file checkpoint (a collective: every rank's RNG)."""
+        return {**self._common_state(),
+                "model": {k: v.detach().cpu() for k, v in trainable_state(self.model).items()},
+                "optimizer": self.optimizer.state_dict(), "rng_per_rank": gather_objects(rng_state())}
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        expected = trainable_state(self.model)
-        if set(state["model"]) != set(expected):
-            raise ValueError(f"the checkpoint's weights ({len(state['model'])}) are not this "
-                             f"model's trainable ones ({len(expected)})")
-        with torch.no_grad():
-            self.model.load_state_dict(state["model"], strict=False)
-        self.optimizer.load_state_dict(state["optimizer"])
+        if "sharded_path" in state:  # dinov.sharded: any world size
+            self._load_sharded(state)
+            state = {**state, "rng_per_rank": [r["rng"] for r in state["per_rank"]]}
+        else:
+            expected = trainable_state(self.model)
+            if set(state["model"]) != set(expected):
+                raise ValueError(f"the checkpoint's weights ({len(state['model'])}) are not this "
+                                 f"model's trainable ones ({len(expected)})")
+            with torch.no_grad():
+                self.model.load_state_dict(state["model"], strict=False)
+            self.optimizer.load_state_dict(state["optimizer"])
         self.stream.load_state_dict(state["stream"])
         set_rng_state(rank_rng_state(state, self.env))
         self.nonfinite.load_state_dict(state["nonfinite"])
@@ -198,14 +216,35 @@ class LMTrainer:
         self.history = dict(state["history"])
         self._clock = time.perf_counter()
 
+    def _sharded_tensors(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+        # the trainable weights only (LoRA: the adapters; the base comes from model.path)
+        return {"model": trainable_state(self.model),
+                "optimizer": get_optimizer_state_dict(self.model, self.optimizer)}
+
+    def _load_sharded(self, state: dict[str, Any]) -> None:
+        from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
+
+        template = self._sharded_tensors()  # model: views of the parameters, loaded in place
+        load_tensors(state["sharded_path"], template)
+        set_optimizer_state_dict(self.model, self.optimizer, template["optimizer"])
+
     def _seconds(self) -> float:
         return self.history["train_seconds"] + time.perf_counter() - self._clock
 
     def save(self) -> None:
-        state = self.state_dict()  # a collective (every rank's RNG)
-        if self.env.is_main:
-            save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
-        barrier()
+        """A sharded checkpoint (``checkpoint.format=dcp``) or the single file; every rank
+        takes part and all wait until it is in place."""
+        if self.sharded:
+            save_sharded(self.checkpoint_dir, self.step, self._sharded_tensors(), self._common_state(),
+                         {"rng": rng_state()}, self.env.rank, self.cfg.train.keep_last,
+                         prune_checkpoints)
+        else:
+            state = self.state_dict()  # a collective (every rank's RNG)
+            if self.env.is_main:
+                save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
+            barrier()
         self.stop_requests.saved()
 
     def _maybe_resume(self) -> None:

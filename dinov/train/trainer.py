@@ -23,19 +23,28 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from dinov.checkpoint import atomic_write_text, rng_state, save_checkpoint, set_rng_state
+from dinov.checkpoint import (
+    atomic_write_text,
+    prune_checkpoints,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from dinov.config import Config, ConfigError, save_config, to_yaml
 from dinov.distributed import (
     agree_step,
     all_reduce_mean,
     barrier,
+    checkpoint_format,
     gather_objects,
     init_distributed,
     load_model_state_dict,
     load_optimizer_state_dict,
+    load_sharded_model_and_optimizer,
     model_state_dict,
     optimizer_state_dict,
     rank_rng_state,
+    sharded_model_and_optimizer,
     uses_fsdp,
     wrap_model,
 )
@@ -48,6 +57,7 @@ from dinov.runs import (
     resume_from_newest,
     truncate_metrics,
 )
+from dinov.sharded import save_sharded
 from dinov.train.data import BatchStream, build_pretraining_dataset
 from dinov.train.meta_arch import SSLMetaArch
 from dinov.train.optim import apply_schedule, build_optimizer
@@ -56,6 +66,14 @@ from dinov.train.schedules import build_schedules
 from dinov.train.task import LearnerContext, MultiCropTaskBuilder, StepContext, StepHook, Task
 
 log = logging.getLogger("dinov.train")
+
+
+def per_rank_lists(per_rank: list[dict[str, Any]]) -> dict[str, list[Any]]:
+    """Every rank's own state (``Trainer._rank_state``, rank order) as the single file's
+    ``*_per_rank`` lists."""
+    return {"rng_per_rank": [r["rng"] for r in per_rank],
+            "pending_per_rank": [r["pending"] for r in per_rank],
+            "skipped_per_rank": [r["skipped"] for r in per_rank]}
 
 
 def seed_everything(seed: int) -> None:
@@ -96,6 +114,7 @@ class Trainer:
         self._clock: tuple[float, float] = (0.0, time.perf_counter())  # (seconds before, start)
         self._hook_values: dict[str, float] = {}  # this step's, for its metrics row
         self._tensorboard: Any = None
+        self.sharded = checkpoint_format(cfg.checkpoint.format, cfg.dist) == "dcp"
         # a signal or the save clock: saved at the step all ranks agree on (dinov.preemption)
         self.stop_requests = StopRequests(cfg.train.preempt_signals, cfg.train.save_every_minutes)
         self.learner = LearnerContext(model=self.model, device=self.device, rank=self.env.rank,
@@ -105,8 +124,8 @@ class Trainer:
             hook.setup(self.learner)
 
     # ----- state -----------------------------------------------------------------------
-    def state_dict(self) -> dict[str, Any]:
-        """The checkpoint; a collective under DDP/FSDP (full state dicts, every rank's RNG)."""
+    def _common_state(self) -> dict[str, Any]:
+        """What every rank holds alike (rank 0's copy is written)."""
         return {
             "step": self.step,
             "config": to_yaml(self.cfg),  # lets eval rebuild the backbone from the file alone
@@ -114,22 +133,35 @@ class Trainer:
             # how the loaded weights resize positions (model.pos_interp=auto resolved), so
             # the checkpoint evaluates the way the run trained
             "pos_interp": self.model.backbone.pos_interp,
-            "model": model_state_dict(self.model),  # full and wrapper-free under DDP/FSDP
-            "optimizer": optimizer_state_dict(self.model, self.optimizer),
             "hooks": {hook.name: hook.state_dict() for hook in self.hooks},
             "rng": rng_state(),
-            "rng_per_rank": gather_objects(rng_state()),  # each rank restores its own stream
             "nonfinite": self.nonfinite.state_dict(),
-            # each rank's own: the log row averages every rank's pending losses
-            "pending_per_rank": gather_objects([{k: v.cpu() for k, v in p.items()}
-                                                for p in self.pending]),
-            "skipped_per_rank": gather_objects(self.stream.skipped_images),
             "history": {**self.history, "train_seconds": self.train_seconds()},
         }
 
+    def _rank_state(self) -> dict[str, Any]:
+        """This rank's own: its RNG stream, its pending losses (the log row averages every
+        rank's), its skipped-image count."""
+        return {"rng": rng_state(), "pending": [{k: v.cpu() for k, v in p.items()} for p in self.pending],
+                "skipped": self.stream.skipped_images}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The single-file checkpoint; a collective under DDP/FSDP (full state dicts,
+        every rank's own state)."""
+        return {
+            **self._common_state(),
+            "model": model_state_dict(self.model),  # full and wrapper-free under DDP/FSDP
+            "optimizer": optimizer_state_dict(self.model, self.optimizer),
+            **per_rank_lists(gather_objects(self._rank_state())),
+        }
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        load_model_state_dict(self.model, state["model"])
-        load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
+        if "sharded_path" in state:  # dinov.sharded: reshards to this run's world size
+            load_sharded_model_and_optimizer(state["sharded_path"], self.model, self.optimizer)
+            state = {**state, **per_rank_lists(state["per_rank"])}
+        else:
+            load_model_state_dict(self.model, state["model"])
+            load_optimizer_state_dict(self.model, self.optimizer, state["optimizer"])
         hook_states = state["hooks"]
         if set(hook_states) != {hook.name for hook in self.hooks}:
             raise ValueError(f"the checkpoint holds the states of hooks {sorted(hook_states)}, "
@@ -173,12 +205,19 @@ class Trainer:
                      self.cfg.model.weights)
 
     def save(self) -> pathlib.Path | None:
-        """Every rank gathers (collectives), rank 0 writes, then all wait for the file."""
-        state = self.state_dict()
+        """A sharded checkpoint (every rank writes its shards), or the single file (every
+        rank gathers, rank 0 writes); all ranks wait until it is in place."""
         path = None
-        if self.env.is_main:
-            path = save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
-        barrier()  # a rank that resumes or stops next must find the file complete
+        if self.sharded:
+            path = save_sharded(self.checkpoint_dir, self.step,
+                                sharded_model_and_optimizer(self.model, self.optimizer),
+                                self._common_state(), self._rank_state(), self.env.rank,
+                                self.cfg.train.keep_last, prune_checkpoints)
+        else:
+            state = self.state_dict()
+            if self.env.is_main:
+                path = save_checkpoint(self.checkpoint_dir, self.step, state, self.cfg.train.keep_last)
+            barrier()  # a rank that resumes or stops next must find the file complete
         self.stop_requests.saved()
         return path
 
