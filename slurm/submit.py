@@ -21,6 +21,7 @@ import os
 import pathlib
 import sys
 import tempfile
+import time
 from typing import Any
 
 import dinov  # noqa: F401  (torchvision shim before any entry point imports timm)
@@ -249,6 +250,10 @@ def main(argv: list[str] | None = None) -> Any:
     job = executor.submit(TrainingJob(run.entry, run.config_path, run.overrides))
     print(f"submitted job {job.job_id} ({run.entry}, {args.nodes}x{args.gpus_per_node} tasks): "
           f"logs in {str(job_folder(run.cfg)).replace('%j', str(job.job_id))}")
+    if args.cluster == "local":  # the jobs are this process's children: wait, as a local run does
+        while not job.done():
+            time.sleep(1.0)
+        return job.results()
     return job
 
 

@@ -282,3 +282,57 @@ def test_paths_on_file_systems_not_mounted_here_are_warned_about(tmp_path, capsy
     err = capsys.readouterr().err
     assert "warning: data.path=/cluster_only_fs/imagenet/train: not visible from this host" in err
     assert "not ready" not in err
+
+
+# ----- sweeps ---------------------------------------------------------------------------
+@pytest.mark.slow
+def test_a_2x2_sweep_runs_locally_and_the_collector_averages_its_seeds(tmp_path, capsys) -> None:
+    from slurm import collect, sweep
+
+    grid = tmp_path / "grid.yaml"
+    root = tmp_path / "sweep"
+    grid.write_text(
+        f"config: {ROOT / 'configs/smoke.yaml'}\nentry: dinov.train\noutput_root: {root}\n"
+        "overrides: [train.steps=2, train.log_every=1, probe.enabled=false, train.plots=false,"
+        " train.progress=none, data.num_samples=32, data.batch_size=8]\n"
+        "grid:\n  optim.lr: [0.001, 0.002]\n  crops.local_crops_number: [1, 2]\n"
+        "seeds: [0, 1]\njob: {timeout: 20}\n")
+    jobs = sweep.main([str(grid), "--cluster", "local"])
+    assert len(jobs) == 8
+    groups = ["lr-0.001__local_crops_number-1", "lr-0.001__local_crops_number-2",
+              "lr-0.002__local_crops_number-1", "lr-0.002__local_crops_number-2"]
+    assert sorted(p.name for p in root.iterdir() if p.is_dir() and p.name != "slurm") == groups
+    capsys.readouterr()
+    rows = collect.main([str(root), "--metrics", "final_loss,first_logged_loss"])
+    table = capsys.readouterr().out
+    assert [row["group"] for row in rows] == groups and all(row["n"] == 2 for row in rows)
+    for row in rows:
+        finals = [json.loads((root / row["group"] / f"seed_{s}" / "results.json").read_text())["final_loss"]
+                  for s in (0, 1)]
+        assert finals[0] != finals[1]  # the seeds differ
+        assert row["final_loss_mean"] == pytest.approx(sum(finals) / 2, rel=1e-12)
+        assert row["final_loss_std"] == pytest.approx(abs(finals[0] - finals[1]) / 2 ** 0.5, rel=1e-9)
+        assert row["optim.lr"] in (0.001, 0.002) and row["crops.local_crops_number"] in (1, 2)
+    assert table.count("\n") == 2 + 4 and "±" in table
+    assert (root / "summary.md").read_text() == table
+    csv_lines = (root / "summary.csv").read_text().splitlines()
+    assert csv_lines[0] == ("group,optim.lr,crops.local_crops_number,n,done,final_loss_mean,"
+                            "final_loss_std,first_logged_loss_mean,first_logged_loss_std")
+    assert len(csv_lines) == 5
+
+
+def test_sweep_grid_files_are_checked(tmp_path, capsys) -> None:
+    from slurm import sweep
+
+    bad = tmp_path / "grid.yaml"
+    bad.write_text("config: configs/smoke.yaml\noutput_root: x\ngrid: {optim.lr: 0.1}\n")
+    with pytest.raises(SystemExit):
+        sweep.main([str(bad), "--dry-run"])
+    assert "'grid' must map each dotted key to a non-empty list" in capsys.readouterr().err
+    bad.write_text("config: configs/smoke.yaml\noutput_root: x\ngrid: {optim.lrr: [0.1]}\n")
+    with pytest.raises(SystemExit):
+        sweep.main([str(bad), "--dry-run"])
+    assert "optim.lrr" in capsys.readouterr().err
+    for name in ("grid_vsmoke.yaml", "grid_dinov3_vitl16.yaml"):  # the shipped grids expand
+        sweep.main([str(ROOT / "configs/ablations" / name), "--dry-run"])
+        assert "job(s) of python -m designers.train" in capsys.readouterr().out
