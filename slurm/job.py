@@ -71,6 +71,15 @@ def export_distributed_env() -> dict[str, str]:
     return {key: os.environ[key] for key in values}
 
 
+def _destroy_process_group() -> None:
+    """Leave no process group behind: a task whose group is still alive at interpreter
+    exit can wait on ranks that already left."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def resume_argv(config: str | None, overrides: list[str]) -> list[str]:
     """The entry point's command line on a cluster: the overrides, then ``train.resume=true``."""
     argv = ["--config", config] if config else []
@@ -102,6 +111,8 @@ class TrainingJob:
                 raise RuntimeError(f"python -m {self.entry} stopped with exit code {error.code}: "
                                    f"its error line is in this task's log") from None
             raise
+        finally:
+            _destroy_process_group()
 
     def checkpoint(self, *args: Any, **kwargs: Any) -> Any:
         """A fresh copy of this job for the requeue: the run's state is in its checkpoints."""

@@ -38,8 +38,10 @@ JOBS = [
     ("ddp_stop", "ddp_resumed", ["dist.strategy=ddp", "train.stop_at_step=2"]),
     ("ddp_resume", "ddp_resumed", ["dist.strategy=ddp", "train.resume=true"]),
     # the probe's teacher forwards are collectives under FSDP: every rank must run them
-    ("fsdp", "fsdp", ["dist.strategy=fsdp", "probe.enabled=true", "probe.num_train=32",
-                      "probe.num_val=32", "probe.epochs=3"]),
+    # the single file under FSDP (gathered on rank 0); the other FSDP jobs write the
+    # default there, sharded checkpoints
+    ("fsdp", "fsdp", ["dist.strategy=fsdp", "checkpoint.format=file", "probe.enabled=true",
+                      "probe.num_train=32", "probe.num_val=32", "probe.epochs=3"]),
     ("ddp_nan", "ddp_nan", ["dist.strategy=ddp", "train.steps=2"]),
     # V-pretraining under DDP (configs/vsmoke.yaml, a meta step every 2 steps)
     ("ddp_vpre", "ddp_vpre", ["dist.strategy=ddp", "feedback.synthetic_head_pool=16",
@@ -210,7 +212,15 @@ def test_ddp_ranks_agree_and_only_rank0_writes(runs: pathlib.Path) -> None:
     assert rank0["results"]["final_loss"] == losses[-1] and rank0["results"]["steps"] == 4
     written = {pathlib.Path(p).name for p in json.loads((runs / "writes.rank0.json").read_text())}
     assert {"config.yaml", "metrics.jsonl", "results.json", "checkpoint_00000004.pt"} <= written
-    assert json.loads((runs / "writes.rank1.json").read_text()) == []
+    # rank 1 writes only its own shards of the sharded checkpoints (the FSDP jobs' default),
+    # into the temporary directory (DCP's writer also makedirs it on every rank)
+    rank1_writes = [pathlib.Path(p) for p in json.loads((runs / "writes.rank1.json").read_text())]
+    shards = [p for p in rank1_writes if not p.name.endswith(".dcp.tmp")]
+    assert shards and all(p.name.startswith("__1_") and p.name.endswith(".distcp")
+                          and p.parent.name.endswith(".dcp.tmp") for p in shards), rank1_writes
+    sharded = latest_checkpoint(runs / "runs" / "fsdp_vpre" / "checkpoints")
+    assert sharded.is_dir() and {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {
+        p.name for p in sharded.iterdir()}
     state = load_checkpoint(latest_checkpoint(runs / "runs" / "ddp" / "checkpoints"))
     assert not any(".module." in key for key in state["model"])  # DDP prefixes stripped
     assert len(state["rng_per_rank"]) == WORLD_SIZE
