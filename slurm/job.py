@@ -53,8 +53,9 @@ def master_port(job_id: str) -> int:
 
 
 def export_distributed_env() -> dict[str, str]:
-    """Set the ``torch.distributed`` variables from submitit's job environment (what is
-    already set, e.g. by torchrun, is kept); returns what this task uses."""
+    """Set the ``torch.distributed`` variables from submitit's job environment, replacing
+    any inherited from the submitting process (a submission from inside another launcher
+    would otherwise make every task wait for that launcher's ranks); returns them."""
     import submitit
 
     job = submitit.JobEnvironment()
@@ -66,9 +67,8 @@ def export_distributed_env() -> dict[str, str]:
         "MASTER_ADDR": job.hostnames[0],
         "MASTER_PORT": str(master_port(job.job_id)),
     }
-    for key, value in values.items():
-        os.environ.setdefault(key, value)
-    return {key: os.environ[key] for key in values}
+    os.environ.update(values)
+    return values
 
 
 def _destroy_process_group() -> None:

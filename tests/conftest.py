@@ -14,3 +14,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+# Launch variables a test may set through code under test (detect_env's MASTER_ADDR
+# default, the job callable's exports). Left behind, they would make every later
+# subprocess (submitit's local tasks, spawned workers) wait for ranks that never come.
+_LAUNCH_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR",
+                     "MASTER_PORT")
+
+
+@pytest.fixture(autouse=True)
+def restore_launch_variables():
+    import os
+
+    before = {name: os.environ.get(name) for name in _LAUNCH_VARIABLES}
+    yield
+    for name, value in before.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
