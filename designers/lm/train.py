@@ -2,8 +2,9 @@
 
 :class:`LMTrainer` owns the loop: packed sequences (:mod:`designers.lm.data`) -> the
 model's next-token loss on the answer tokens -> AdamW with warm-up and cosine decay,
-gradient clipping and accumulation, fp32 or bf16 autocast; one process or DDP (gloo on a
-CPU, NCCL on GPUs). A run writes to ``output_dir`` what the vision trainer writes:
+gradient clipping and accumulation, fp32 or bf16 autocast; one process, DDP, or FSDP2
+with every decoder layer sharded (``dist.strategy=fsdp``; checkpoints are then sharded and
+``final/`` is written from the gathered weights); gloo on a CPU, NCCL on GPUs. A run writes to ``output_dir`` what the vision trainer writes:
 ``config.yaml``, ``metrics.jsonl``, ``results.json``, ``checkpoints/`` (atomic; exact
 resume of the weights that train, the optimizer, the schedule position, every RNG and the
 data stream's position) and, at the end, ``final/``: a ``save_pretrained`` directory that
@@ -44,15 +45,18 @@ from dinov.checkpoint import (
     set_rng_state,
 )
 from dinov.cli import exit_on_run_error, parse_config, setup_logging
-from dinov.config import save_config, to_yaml
+from dinov.config import ConfigError, save_config, to_yaml
 from dinov.distributed import (
     agree_step,
     all_reduce_mean,
     barrier,
+    broadcast_module,
     checkpoint_format,
     gather_objects,
     init_distributed,
+    is_distributed,
     rank_rng_state,
+    uses_fsdp,
 )
 from dinov.preemption import StopRequests, stopped_results
 from dinov.runs import (
@@ -131,9 +135,13 @@ class LMTrainer:
         if cfg.model.lora.enabled:
             model = apply_lora(model, cfg.model.lora)
         self.model = model.to(self.device).train()
-        self.ddp = self.env.world_size > 1
+        self.fsdp = uses_fsdp(cfg.dist)
+        self.ddp = is_distributed() and not self.fsdp and cfg.dist.strategy != "none"
         self.wrapped: nn.Module = self.model
-        if self.ddp:
+        if self.fsdp:  # before the optimizer: fully_shard replaces the parameters
+            broadcast_module(self.model)  # LoRA's random init differs per rank (seed + rank)
+            shard_decoder_layers(self.model, self.device)
+        elif self.ddp:
             self.wrapped = nn.parallel.DistributedDataParallel(self.model)
         self.optimizer = build_optimizer(self.model, cfg)
         self.stream = PackedStream(read_corpus(cfg.data.path), self.tokenizer, cfg.data,
@@ -146,6 +154,9 @@ class LMTrainer:
         # a signal or the save clock: saved at the step all ranks agree on (dinov.preemption)
         self.stop_requests = StopRequests(cfg.train.preempt_signals, cfg.train.save_every_minutes)
         self.sharded = checkpoint_format(cfg.checkpoint.format, cfg.dist) == "dcp"
+        if self.fsdp and not self.sharded:
+            raise ConfigError("checkpoint.format=file with dist.strategy=fsdp: the LM trainer "
+                              "writes sharded checkpoints under FSDP (checkpoint.format=dcp or auto)")
 
     # ----- one step ------------------------------------------------------------------
     def train_step(self) -> float | None:
@@ -161,10 +172,12 @@ class LMTrainer:
         for i, part in enumerate(parts):
             part = {k: v.to(self.device) for k, v in part.items()}
             last = i == len(parts) - 1
+            if self.fsdp:  # reduce-scatter the gradients once, after the last micro-batch
+                self.model.set_requires_gradient_sync(last)
             sync = self.wrapped.no_sync() if self.ddp and not last else contextlib.nullcontext()
             with sync:
                 loss_sum = token_loss_sum(self.wrapped, part, cfg.precision)
-                # DDP averages gradients over ranks: x world makes them the global mean
+                # DDP / FSDP average gradients over ranks: x world makes them the global mean
                 (loss_sum * (world / tokens)).backward()
             total += loss_sum.detach()
         # the step's one agreement: finite on all ranks, with the stop / save requests
@@ -321,11 +334,47 @@ class LMTrainer:
                    # packed (non-padding) tokens, every process of the run counted once
                    "tokens_per_second": round(self.stream.stats["tokens"] / max(seconds, 1e-9), 1),
                    "final": str(self.output_dir / "final")}
+        model = self.model
+        if self.fsdp:  # the full weights (a collective) in a plain copy on rank 0
+            model = unsharded_copy(self.model, self.cfg, self.env.is_main)
         if self.env.is_main:
-            export(self.model, self.tokenizer, self.output_dir / "final", self.cfg)
+            export(model, self.tokenizer, self.output_dir / "final", self.cfg)
             atomic_write_text(self.output_dir / "results.json", json.dumps(results, indent=2) + "\n")
         barrier()
         return results
+
+
+def shard_decoder_layers(model: nn.Module, device: torch.device) -> None:
+    """FSDP2 ``fully_shard`` on every decoder layer (transformers' ``*DecoderLayer``
+    modules), then on the whole model."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    layers = [m for m in model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    if not layers:
+        raise ConfigError(f"dist.strategy=fsdp: {type(model).__name__} has no *DecoderLayer "
+                          f"modules to shard")
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+
+
+def unsharded_copy(model: nn.Module, cfg: LMConfig, is_main: bool) -> nn.Module | None:
+    """Under FSDP: the model's full weights gathered (every rank calls this) into a plain
+    copy built on rank 0 from ``model.path`` (with the same LoRA), which ``export`` saves
+    like an unsharded run's model; None on the other ranks."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if not is_main:
+        return None
+    copy, _ = load_causal_lm(cfg.model)
+    if cfg.model.lora.enabled:
+        copy = apply_lora(copy, cfg.model.lora)
+    copy.load_state_dict(full, strict=True)
+    return copy
 
 
 def export(model: nn.Module, tokenizer: Any, out: pathlib.Path, cfg: LMConfig) -> None:
