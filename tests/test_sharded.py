@@ -285,3 +285,44 @@ def _lm_ddp_stop(root: pathlib.Path, rank: int, world: int) -> None:
 
 
 _JOBS["lm_ddp_stop"] = _lm_ddp_stop
+
+
+def _lm_lora(root: pathlib.Path, rank: int, world: int) -> None:
+    from designers.lm.config import LMConfig
+    from designers.lm.train import LMTrainer
+
+    tiny = json.loads((root / "tiny.json").read_text())
+    cfg = load_config(str(ROOT / "configs/lm/smoke.yaml"),
+                      [f"output_dir={root / f'lora_on_{world}'}", f"model.path={tiny['model']}",
+                       f"data.path={tiny['corpus']}", "synthetic.dir=null", "train.progress=none",
+                       "train.steps=3", "train.log_every=1", "train.checkpoint_every=3",
+                       "train.grad_accum=1", f"train.micro_batch_size={4 // world}",
+                       "model.lora.enabled=true", "model.lora.dropout=0.0", "optim.lr=1e-2",
+                       "dist.strategy=fsdp"], schema=LMConfig)
+    LMTrainer(cfg).fit()
+
+
+_JOBS["lm_lora"] = _lm_lora
+
+
+@pytest.mark.slow
+def test_lm_lora_under_fsdp_exports_the_merged_model_of_one_process(tmp_path) -> None:
+    """Rank 0's LoRA init is broadcast before sharding, so 2 FSDP ranks train what one
+    process trains; final/ is merged from the gathered weights."""
+    from transformers import AutoModelForCausalLM
+
+    from designers.lm.synthetic import write_default
+
+    tiny = write_default(tmp_path / "tiny", n_corpus=200, n_train=20, n_test=10)
+    (tmp_path / "tiny.json").write_text(json.dumps({k: str(v) for k, v in tiny.items()}))
+    _spawn("lm_lora", 2, tmp_path)
+    _spawn("lm_lora", 1, tmp_path)
+    losses = [[r["loss"] for r in _rows(tmp_path / f"lora_on_{w}")] for w in (2, 1)]
+    assert len(losses[0]) == 3 and losses[0] == pytest.approx(losses[1], rel=1e-5)
+    two, one = (AutoModelForCausalLM.from_pretrained(str(tmp_path / f"lora_on_{w}" / "final")).state_dict()
+                for w in (2, 1))
+    assert set(two) == set(one) and not any("lora" in key for key in two)  # merged
+    base = AutoModelForCausalLM.from_pretrained(str(tiny["model"])).state_dict()
+    assert any(not torch.equal(two[k], base[k]) for k in base)  # the adapters were merged in
+    for key in one:
+        assert torch.allclose(two[key], one[key], rtol=1e-4, atol=1e-6), key
