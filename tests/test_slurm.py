@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import time
 from typing import Any
@@ -91,28 +92,44 @@ def _assert_stopped_together(log_pattern: pathlib.Path, step: int) -> None:
     assert f"saved step {step} and stopping: SIGUSR2 on this rank" in logs[1]
     assert "Requeued job" in logs[0]  # submitit's handler, called by rank 0 after the save
     for log in logs:  # the requeued job (a fresh copy of the callable) resumed
-        assert "resumed from" in log and f"checkpoint_{step:08d}.pt at step {step}" in log
+        assert re.search(rf"resumed from \S+/checkpoint_{step:08d}(\.pt)? at step {step}\n", log)
 
 
 def _assert_same_runs(preempted: pathlib.Path, uninterrupted: pathlib.Path) -> None:
     assert _rows(preempted) == _rows(uninterrupted)
     assert _results(preempted) == _results(uninterrupted)
-    a = load_checkpoint(latest_checkpoint(preempted / "checkpoints"))
-    b = load_checkpoint(latest_checkpoint(uninterrupted / "checkpoints"))
+    a, b = _final_state(preempted), _final_state(uninterrupted)
     assert a["step"] == b["step"]
     keys = ("model", "optimizer", "hooks") if "hooks" in a else ("model", "optimizer", "stream")
     for key in keys:
         _assert_bitwise(a[key], b[key], key)
 
 
+def _final_state(run: pathlib.Path) -> dict[str, Any]:
+    """The newest checkpoint as one state (a sharded one exported first)."""
+    newest = latest_checkpoint(run / "checkpoints")
+    if newest.is_dir():
+        from dinov.sharded import export_single_file, read_common
+
+        export_single_file(newest, run / "newest.pt")
+        state = load_checkpoint(run / "newest.pt")
+        return {**state, "optimizer": {}, "hooks": read_common(newest)["hooks"]}
+    return load_checkpoint(newest)
+
+
 @pytest.mark.slow
-def test_signal_on_one_rank_saves_both_and_the_requeued_job_ends_bitwise(tmp_path, monkeypatch) -> None:
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_signal_on_one_rank_saves_both_and_the_requeued_job_ends_bitwise(tmp_path, monkeypatch,
+                                                                         strategy: str) -> None:
+    """DDP with the single file; FSDP with its default, sharded checkpoints."""
+    overrides = [*VISION[:-1], f"dist.strategy={strategy}"]
     preempted, uninterrupted, logs = _preempted_and_uninterrupted(
-        tmp_path, monkeypatch, "dinov.train", "configs/smoke.yaml", VISION, at_step=3)
+        tmp_path, monkeypatch, "dinov.train", "configs/smoke.yaml", overrides, at_step=3)
     # the signal came before step 3's all-reduce: both ranks saved after that step (4),
     # not at checkpoint_every (100)
+    suffix = ".pt" if strategy == "ddp" else ""
     assert [p.name for p in list_checkpoints(preempted / "checkpoints")] == [
-        "checkpoint_00000004.pt", "checkpoint_00000006.pt"]
+        f"checkpoint_00000004{suffix}", f"checkpoint_00000006{suffix}"]
     _assert_stopped_together(logs, 4)
     _assert_same_runs(preempted, uninterrupted)
 
