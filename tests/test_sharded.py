@@ -172,23 +172,39 @@ def _vision_fsdp(root: pathlib.Path, rank: int, world: int) -> None:
     trainer.fit()
 
 
-def _lm_ddp(root: pathlib.Path, rank: int, world: int) -> None:
+def _lm_run(root: pathlib.Path, out: str, *overrides: str) -> None:
+    """The LM smoke config on the tiny model written by the test, sharded checkpoints,
+    FSDP where there are several ranks, trained to its end (or ``train.stop_at_step``)."""
     from designers.lm.config import LMConfig
     from designers.lm.train import LMTrainer
 
     tiny = json.loads((root / "tiny.json").read_text())
-    micro = 6 // world  # the same global batch of 6 sequences on 1, 2 and 3 ranks
-    run = root / f"lm_on_{world}"
     cfg = load_config(str(ROOT / "configs/lm/smoke.yaml"),
-                      [f"output_dir={run}", f"model.path={tiny['model']}", f"data.path={tiny['corpus']}",
-                       "synthetic.dir=null", "train.progress=none", "train.steps=6", "train.log_every=1",
-                       "train.checkpoint_every=3", "checkpoint.format=dcp", "train.grad_accum=1",
-                       f"train.micro_batch_size={micro}", "train.resume=true", "dist.strategy=fsdp"],
+                      [f"output_dir={root / out}", f"model.path={tiny['model']}", f"data.path={tiny['corpus']}",
+                       "synthetic.dir=null", "train.progress=none", "train.log_every=1",
+                       "train.checkpoint_every=3", "train.grad_accum=1", "dist.strategy=fsdp", *overrides],
                       schema=LMConfig)
     LMTrainer(cfg).fit()
 
 
-_JOBS = {"vision_fsdp": _vision_fsdp, "lm_ddp": _lm_ddp}
+def _lm_continue(root: pathlib.Path, rank: int, world: int) -> None:
+    # the same global batch of 6 sequences on 1, 2 and 3 ranks
+    _lm_run(root, f"lm_on_{world}", "train.steps=6", "checkpoint.format=dcp",
+            f"train.micro_batch_size={6 // world}", "train.resume=true")
+
+
+def _lm_first_3_steps(root: pathlib.Path, rank: int, world: int) -> None:
+    _lm_run(root, "lm_on_2", "train.steps=6", "checkpoint.format=dcp", "train.micro_batch_size=3",
+            "train.stop_at_step=3")
+
+
+def _lm_lora(root: pathlib.Path, rank: int, world: int) -> None:
+    _lm_run(root, f"lora_on_{world}", "train.steps=3", f"train.micro_batch_size={4 // world}",
+            "model.lora.enabled=true", "model.lora.dropout=0.0", "optim.lr=1e-2")
+
+
+_JOBS = {"vision_fsdp": _vision_fsdp, "lm_continue": _lm_continue, "lm_first_3_steps": _lm_first_3_steps,
+         "lm_lora": _lm_lora}
 
 
 def _spawn(job: str, world: int, root: pathlib.Path) -> None:
@@ -244,12 +260,12 @@ def test_lm_fsdp_checkpoint_of_2_ranks_continues_on_1_and_3_with_the_same_losses
     (tmp_path / "tiny.json").write_text(json.dumps({k: str(v) for k, v in tiny.items()}))
     (tmp_path / "lm_on_2").mkdir()
     # first 3 steps on 2 ranks (a stop), then the 2-rank continuation to step 6
-    _spawn_lm_stop(tmp_path)
+    _spawn("lm_first_3_steps", 2, tmp_path)
     for world in (1, 3):
         _copy_step_3(tmp_path, "lm_on_2", f"lm_on_{world}")
-    _spawn("lm_ddp", 2, tmp_path)
-    _spawn("lm_ddp", 3, tmp_path)
-    _spawn("lm_ddp", 1, tmp_path)
+    _spawn("lm_continue", 2, tmp_path)
+    _spawn("lm_continue", 3, tmp_path)
+    _spawn("lm_continue", 1, tmp_path)
     reference = [r["loss"] for r in _rows(tmp_path / "lm_on_2") if r["step"] > 3]
     for world in (1, 3):
         losses = [r["loss"] for r in _rows(tmp_path / f"lm_on_{world}") if r["step"] > 3]
@@ -263,46 +279,6 @@ def test_lm_fsdp_checkpoint_of_2_ranks_continues_on_1_and_3_with_the_same_losses
     for key, tensor in finals[1].items():
         for other in (finals[0], finals[2]):
             assert torch.allclose(other[key], tensor, rtol=1e-4, atol=1e-6), key
-
-
-def _spawn_lm_stop(root: pathlib.Path) -> None:
-    root.joinpath("lm_stop").write_text("3")
-    _spawn("lm_ddp_stop", 2, root)
-
-
-def _lm_ddp_stop(root: pathlib.Path, rank: int, world: int) -> None:
-    from designers.lm.config import LMConfig
-    from designers.lm.train import LMTrainer
-
-    tiny = json.loads((root / "tiny.json").read_text())
-    cfg = load_config(str(ROOT / "configs/lm/smoke.yaml"),
-                      [f"output_dir={root / 'lm_on_2'}", f"model.path={tiny['model']}",
-                       f"data.path={tiny['corpus']}", "synthetic.dir=null", "train.progress=none",
-                       "train.steps=6", "train.log_every=1", "train.checkpoint_every=3",
-                       "checkpoint.format=dcp", "train.grad_accum=1", "train.micro_batch_size=3",
-                       "train.stop_at_step=3", "dist.strategy=fsdp"], schema=LMConfig)
-    LMTrainer(cfg).fit()
-
-
-_JOBS["lm_ddp_stop"] = _lm_ddp_stop
-
-
-def _lm_lora(root: pathlib.Path, rank: int, world: int) -> None:
-    from designers.lm.config import LMConfig
-    from designers.lm.train import LMTrainer
-
-    tiny = json.loads((root / "tiny.json").read_text())
-    cfg = load_config(str(ROOT / "configs/lm/smoke.yaml"),
-                      [f"output_dir={root / f'lora_on_{world}'}", f"model.path={tiny['model']}",
-                       f"data.path={tiny['corpus']}", "synthetic.dir=null", "train.progress=none",
-                       "train.steps=3", "train.log_every=1", "train.checkpoint_every=3",
-                       "train.grad_accum=1", f"train.micro_batch_size={4 // world}",
-                       "model.lora.enabled=true", "model.lora.dropout=0.0", "optim.lr=1e-2",
-                       "dist.strategy=fsdp"], schema=LMConfig)
-    LMTrainer(cfg).fit()
-
-
-_JOBS["lm_lora"] = _lm_lora
 
 
 @pytest.mark.slow
