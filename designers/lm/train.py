@@ -4,12 +4,13 @@
 model's next-token loss on the answer tokens -> AdamW with warm-up and cosine decay,
 gradient clipping and accumulation, fp32 or bf16 autocast; one process, DDP, or FSDP2
 with every decoder layer sharded (``dist.strategy=fsdp``; checkpoints are then sharded and
-``final/`` is written from the gathered weights); gloo on a CPU, NCCL on GPUs. A run writes to ``output_dir`` what the vision trainer writes:
-``config.yaml``, ``metrics.jsonl``, ``results.json``, ``checkpoints/`` (atomic; exact
-resume of the weights that train, the optimizer, the schedule position, every RNG and the
-data stream's position) and, at the end, ``final/``: a ``save_pretrained`` directory that
-``transformers``, lm-evaluation-harness and vLLM load as it is (with LoRA the merged
-model, or the adapter alone with ``export.merge_lora=false``).
+``final/`` is written from the gathered weights); gloo on a CPU, NCCL on GPUs. A run
+writes to ``output_dir`` what the vision trainer writes: ``config.yaml``,
+``metrics.jsonl``, ``results.json``, ``checkpoints/`` (atomic single files, or sharded
+directories through DCP; exact resume of the weights that train, the optimizer, the
+schedule position, every RNG and the data stream's position) and, at the end, ``final/``:
+a ``save_pretrained`` directory that ``transformers``, lm-evaluation-harness and vLLM load
+as it is (with LoRA the merged model, or the adapter alone with ``export.merge_lora=false``).
 
 The loss of a step is the sum of every answer token's cross-entropy over the global
 batch divided by the global batch's count of answer tokens, computed on every rank from
