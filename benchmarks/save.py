@@ -25,7 +25,7 @@ import torch
 
 import dinov  # noqa: F401  (torchvision shim first)
 from designers.train import config_schema
-from dinov.checkpoint import prune_checkpoints, rng_state, save_checkpoint
+from dinov.checkpoint import rng_state, save_checkpoint
 from dinov.config import load_config_with_unset, to_yaml
 from dinov.distributed import optimizer_state_dict, sharded_model_and_optimizer
 from dinov.sharded import save_sharded
@@ -75,7 +75,7 @@ def main() -> None:
         save_checkpoint(target, 1, state, keep_last=1)
 
     def sharded(target: pathlib.Path) -> None:
-        save_sharded(target, 1, tensors, common, {"rng": rng_state()}, 0, 1, prune_checkpoints)
+        save_sharded(target, 1, tensors, common, {"rng": rng_state()}, 0, 1)
 
     with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
         root = pathlib.Path(tmp)

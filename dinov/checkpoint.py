@@ -9,16 +9,20 @@ Sharded checkpoints (directories written through DCP) are :mod:`dinov.sharded`'s
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 import random
 import re
 import shutil
+import time
 from collections.abc import Callable
 from typing import Any, BinaryIO
 
 import numpy as np
 import torch
+
+log = logging.getLogger("dinov.train")
 
 _NAME = re.compile(r"^checkpoint_(\d{8})\.pt$")
 _SHARDED_NAME = re.compile(r"^checkpoint_(\d{8})$")  # a directory (dinov.sharded)
@@ -44,11 +48,30 @@ def list_checkpoints(directory: str | pathlib.Path) -> list[pathlib.Path]:
     return [p for _, _, p in sorted(found)]
 
 
-def prune_checkpoints(directory: str | pathlib.Path, keep_last: int) -> None:
-    """Remove all but the newest ``keep_last`` checkpoints (files and directories)."""
-    if keep_last <= 0:
-        return
-    for old in list_checkpoints(directory)[:-keep_last]:
+def _step_of(path: pathlib.Path) -> int:
+    return int(path.name.split("_")[1].split(".")[0])
+
+
+def prune_checkpoints(directory: str | pathlib.Path, keep_last: int, saved_step: int) -> None:
+    """After saving ``saved_step``: keep the newest ``keep_last`` steps up to it (a step
+    saved as a file and as a directory counts once) and remove the older ones.
+
+    Checkpoints of later steps (ones a resume passed over as unreadable, or an earlier
+    run's in the same ``output_dir``) are renamed ``<name>.superseded-<time>``, out of the
+    way but not deleted: they no longer take a ``keep_last`` place, nor are they resumed.
+    """
+    found = list_checkpoints(directory)
+    later = [p for p in found if _step_of(p) > saved_step]
+    for path in later:
+        aside = path.with_name(f"{path.name}.superseded-{int(time.time())}")
+        log.warning("%s is of a later step than the one just saved (%d): moved to %s",
+                    path, saved_step, aside.name)
+        os.replace(path, aside)
+    steps = sorted({_step_of(p) for p in found if _step_of(p) <= saved_step})
+    kept = set(steps[-keep_last:]) if keep_last > 0 else set(steps)
+    for old in found:
+        if old in later or _step_of(old) in kept:
+            continue
         if old.is_dir():
             shutil.rmtree(old, ignore_errors=True)
         else:
@@ -98,7 +121,7 @@ def save_checkpoint(directory: str | pathlib.Path, step: int, state: dict[str, A
                     keep_last: int) -> pathlib.Path:
     path = checkpoint_path(directory, step)
     atomic_torch_save(state, path)
-    prune_checkpoints(directory, keep_last)
+    prune_checkpoints(directory, keep_last, step)
     return path
 
 

@@ -436,6 +436,15 @@ def gather_objects(obj: Any) -> list[Any]:
     return out
 
 
+def broadcast_object(obj: Any, src: int = 0) -> Any:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself in a single process)."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
 def rank_rng_state(state: dict[str, Any], env: DistEnv) -> dict[str, Any]:
     """This rank's RNG state from a checkpoint: ``rng_per_rank[rank]`` when the checkpoint
     was written with the same world size, else the single ``rng`` entry (not exact then:

@@ -62,6 +62,12 @@ class StopRequests:
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
         self._handed_back = dict(self._previous)
         self._previous.clear()
+        if self.received is not None and not self.stop and exc[0] is None:
+            # it came after the last step's agreement: no step is left to save, but the
+            # time limit is still coming; the handler it had before the run gets it now
+            # (submitit's requeues: the requeued job finds the last step and finishes)
+            log.info("%s came after the last step: handing it on", self.received.name)
+            signal.raise_signal(self.received)
 
     def _on_signal(self, signum: int, frame: types.FrameType | None) -> None:
         # a flag only: the step boundary does the work (no collective in a handler)

@@ -90,24 +90,49 @@ class NonFiniteSteps:
         self.total, self.parts = int(state["total"]), dict(state["parts"])
 
 
+def _read(path: pathlib.Path) -> dict[str, Any]:
+    if path.is_dir():  # sharded: the run state now, the tensors in load_state_dict
+        return {**read_common(path), "sharded_path": path}
+    return load_checkpoint(path)
+
+
 def newest_readable_checkpoint(directory: pathlib.Path) -> tuple[pathlib.Path, dict[str, Any]] | None:
     """The newest checkpoint in ``directory`` that loads, with its state; None if there is none.
 
+    With several ranks, rank 0 chooses and every rank reads that one: a rank that fell
+    back on its own (a read error only it saw) would resume another step than the others.
     Raises ResumeError when checkpoints exist but none can be read (starting fresh would
-    overwrite them).
+    overwrite them), or when the chosen one does not read on this rank.
     """
+    import torch.distributed as dist
+
+    from dinov.distributed import broadcast_object, is_distributed
+
     candidates = list_checkpoints(directory)
+    chosen: tuple[pathlib.Path, dict[str, Any]] | None = None
+    if not is_distributed() or dist.get_rank() == 0:
+        chosen = _newest_that_reads(candidates)
+    if is_distributed():
+        path = broadcast_object(str(chosen[0]) if chosen else None)
+        if chosen is None and path is not None:
+            try:
+                chosen = (pathlib.Path(path), _read(pathlib.Path(path)))
+            except RuntimeError as error:
+                raise ResumeError(f"rank 0 resumes from {path}, which this rank cannot read "
+                                  f"({error})") from error
+    if chosen is None and candidates:
+        raise ResumeError(f"none of the {len(candidates)} checkpoints in {directory} can be read "
+                          f"(newest: {candidates[-1].name}); move them away to start fresh")
+    return chosen
+
+
+def _newest_that_reads(candidates: list[pathlib.Path]) -> tuple[pathlib.Path, dict[str, Any]] | None:
     for path in reversed(candidates):
         try:
-            if path.is_dir():  # sharded: the run state now, the tensors in load_state_dict
-                return path, {**read_common(path), "sharded_path": path}
-            return path, load_checkpoint(path)
+            return path, _read(path)
         except RuntimeError as error:
             log.warning("skipping unreadable checkpoint %s (%s); trying the one before it",
                         path, error)
-    if candidates:
-        raise ResumeError(f"none of the {len(candidates)} checkpoints in {directory} can be read "
-                          f"(newest: {candidates[-1].name}); move them away to start fresh")
     return None
 
 

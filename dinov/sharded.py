@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from dinov.checkpoint import _fsync_directory, atomic_torch_save
+from dinov.checkpoint import _fsync_directory, atomic_torch_save, prune_checkpoints
 
 # DCP says so on every single-process save and load; one process is a supported case here
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
@@ -57,6 +57,14 @@ def from_bytes_tensor(tensor: torch.Tensor) -> Any:
     return torch.load(io.BytesIO(tensor.numpy().tobytes()), map_location="cpu", weights_only=True)
 
 
+def _dcp_error() -> type[BaseException]:
+    """DCP's error type: it derives from BaseException, so ``except Exception`` (and
+    submitit's job wrapper) would let it through; callers re-raise it as RuntimeError."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return CheckpointException
+
+
 def _planner() -> Any:
     """DCP's default load planner, reading its few non-tensor items (the optimizer's
     param_groups) with ``weights_only=True`` instead of a full unpickle."""
@@ -76,13 +84,13 @@ def _planner() -> Any:
 
 # ----- save ---------------------------------------------------------------------------------
 def save_sharded(directory: str | pathlib.Path, step: int, tensors: dict[str, Any],
-                 common: dict[str, Any], rank_state: dict[str, Any], rank: int, keep_last: int,
-                 prune: Any) -> pathlib.Path:
+                 common: dict[str, Any], rank_state: dict[str, Any], rank: int,
+                 keep_last: int) -> pathlib.Path:
     """Write a sharded checkpoint of ``step``; a collective: every rank calls it.
 
     ``tensors``: nested dicts of (possibly sharded) tensors (model, optimizer); ``common``
-    is written by rank 0, ``rank_state`` by each rank for itself. ``prune(directory,
-    keep_last)`` removes old checkpoints once the new one is in place (rank 0).
+    is written by rank 0, ``rank_state`` by each rank for itself. Once the new checkpoint
+    is in place rank 0 prunes the old ones (:func:`dinov.checkpoint.prune_checkpoints`).
     """
     import torch.distributed.checkpoint as dcp
 
@@ -103,11 +111,13 @@ def save_sharded(directory: str | pathlib.Path, step: int, tensors: dict[str, An
     dcp.save(state, checkpoint_id=str(tmp), no_dist=not is_distributed())
     if rank == 0:
         _fsync_tree(tmp)
-        if final.exists():  # the same step saved again (a resumed run's last step)
-            shutil.rmtree(final)
+        replaced = directory / f".{final.name}.replaced{_TMP_SUFFIX}"
+        if final.exists():  # the same step saved again: set aside, so one copy always exists
+            os.replace(final, replaced)
         os.replace(tmp, final)
         _fsync_directory(directory)
-        prune(directory, keep_last)
+        shutil.rmtree(replaced, ignore_errors=True)
+        prune_checkpoints(directory, keep_last, step)
     barrier()  # a rank that stops or resumes next must find the directory in place
     return final
 
@@ -150,8 +160,16 @@ def _read_bytes_items(path: pathlib.Path, keys: list[str]) -> dict[str, Any]:
 
     sizes = _metadata(path).state_dict_metadata
     state = {key: torch.empty(tuple(sizes[key].size), dtype=torch.uint8) for key in keys}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except _dcp_error() as error:
+        raise RuntimeError(f"{path}: {_first_line(error)}") from None
     return {key: from_bytes_tensor(value) for key, value in state.items()}
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def read_common(path: pathlib.Path) -> dict[str, Any]:
@@ -177,7 +195,10 @@ def load_tensors(path: pathlib.Path, template: dict[str, Any]) -> None:
 
     from dinov.distributed import is_distributed
 
-    dcp.load(template, checkpoint_id=str(path), planner=_planner(), no_dist=not is_distributed())
+    try:
+        dcp.load(template, checkpoint_id=str(path), planner=_planner(), no_dist=not is_distributed())
+    except _dcp_error() as error:  # a shard that does not read or does not fit this run
+        raise RuntimeError(f"{path}: {_first_line(error)}") from None
 
 
 # ----- export -------------------------------------------------------------------------------
@@ -194,7 +215,10 @@ def export_single_file(path: pathlib.Path, out: pathlib.Path) -> dict[str, Any]:
              for key, meta in metadata.items()
              if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     state = {f"model.{k}": v for k, v in model.items()}
-    dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    try:
+        dcp.load(state, checkpoint_id=str(path), no_dist=True)
+    except _dcp_error() as error:
+        raise RuntimeError(f"{path}: {_first_line(error)}") from None
     single = {**common, "model": {k: state[f"model.{k}"] for k in model}}
     atomic_torch_save(single, out)
     return {"step": common.get("step"), "tensors": len(model),

@@ -48,9 +48,10 @@ def _numbers(results: dict[str, Any]) -> dict[str, float]:
 
 
 def _results(run: dict[str, Any], root: pathlib.Path) -> dict[str, float] | None:
+    # the run's place below root (the sweep may have been moved), else where it was written
     path = pathlib.Path(run["output_dir"])
-    path = path if path.is_absolute() or path.exists() else root / path
-    file = path / "results.json"
+    below = root / run["group"] / (f"seed_{run['seed']}" if run.get("seed") is not None else "")
+    file = (below if below.is_dir() else path) / "results.json"
     if not file.is_file():
         return None
     try:

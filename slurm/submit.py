@@ -206,12 +206,20 @@ def build_executor(args: argparse.Namespace, folder: pathlib.Path, name: str) ->
         if args.nodes != 1:
             raise ConfigError(f"--cluster local runs on one node, got --nodes {args.nodes}")
         executor = submitit.LocalExecutor(folder=folder, max_num_timeout=args.max_requeues)
+        # without gpus_per_node submitit hides every GPU from the tasks (CUDA_VISIBLE_DEVICES="")
+        gpus = args.gpus_per_node if _has_cuda() else 0
         executor.update_parameters(timeout_min=args.timeout, tasks_per_node=args.gpus_per_node,
-                                   signal_delay_s=args.signal_delay)
+                                   gpus_per_node=gpus, signal_delay_s=args.signal_delay)
         return executor
     executor = submitit.SlurmExecutor(folder=folder, max_num_timeout=args.max_requeues)
     executor.update_parameters(**slurm_parameters(args, name))
     return executor
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def job_name(args: argparse.Namespace, run: ResolvedRun) -> str:

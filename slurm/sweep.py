@@ -68,6 +68,13 @@ def _value_text(value: Any) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]+", "-", str(value)).strip("-") or "none"
 
 
+def _override_text(value: Any) -> str:
+    """A grid value as a ``key=value`` override reads it back (None: null, True: true)."""
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    return str(value)
+
+
 def group_name(values: dict[str, Any]) -> str:
     """``designer.kind=mask, feedback.mode=real`` -> ``kind-mask__mode-real`` (the whole
     key where two keys end alike)."""
@@ -111,10 +118,11 @@ def expand(sweep: Sweep) -> list[SweepRun]:
         group = group_name(values)
         for seed in sweep.seeds if sweep.seeds is not None else [None]:
             out = pathlib.Path(sweep.output_root) / group
-            extra = [f"{k}={v}" for k, v in values.items()]
+            extra = [f"{k}={_override_text(v)}" for k, v in values.items()]
             if seed is not None:
                 out = out / f"seed_{seed}"
                 extra.append(f"train.seed={seed}")
+            out = out.absolute()  # the collector may run from anywhere
             runs.append(SweepRun(group, seed, values, [*sweep.overrides, *extra, f"output_dir={out}"], str(out)))
     return runs
 
@@ -132,8 +140,10 @@ def parse_args(argv: list[str] | None) -> tuple[argparse.Namespace, Sweep]:
     sweep.overrides += args.overrides
     defaults = {"nodes": 1, "gpus_per_node": 1, "timeout": 60, "signal_delay": 120, "max_requeues": 20}
     for key, value in {**defaults, **sweep.job}.items():
-        if not hasattr(args, key):
-            raise ConfigError(f"{args.grid}: unknown job option {key!r}")
+        if not hasattr(args, key) or key in ("cluster", "dry_run", "grid", "overrides"):
+            raise ConfigError(f"{args.grid}: job: {key!r} is not a job option (the resources: "
+                              f"nodes, gpus_per_node, timeout, partition, ...; --cluster and "
+                              f"--dry-run go on the command line)")
         if getattr(args, key) is None:
             setattr(args, key, value)
     return args, sweep
@@ -166,7 +176,7 @@ def main(argv: list[str] | None = None) -> list[Any]:
     manifest = {"config": sweep.config, "entry": resolved[0].entry, "grid": sweep.grid, "seeds": sweep.seeds,
                 "runs": [vars(run) for run in runs]}
     atomic_write_text(root / MANIFEST, json.dumps(manifest, indent=2) + "\n")
-    executor = build_executor(args, root.absolute() / "slurm" / "%j", f"sweep:{root.name}")
+    executor = build_executor(args, root.absolute() / "slurm" / "%j", args.job_name or f"sweep:{root.name}")
     with executor.batch():  # one job array
         jobs = [executor.submit(TrainingJob(c.entry, c.config_path, c.overrides)) for c in resolved]
     print(f"submitted {len(jobs)} job(s): {', '.join(str(j.job_id) for j in jobs[:4])}"

@@ -9,6 +9,7 @@ import json
 import os
 import pathlib
 import re
+import shutil
 import signal
 import time
 from typing import Any
@@ -215,6 +216,29 @@ def test_the_previous_handler_of_the_signal_runs_after_the_save_on_rank_0(tmp_pa
     assert seen == [(int(signal.SIGUSR2), True)]
 
 
+def test_a_signal_after_the_last_agreement_is_handed_on_after_the_run(tmp_path) -> None:
+    """Nothing is left to save, but the time limit still comes: the previous handler
+    (submitit's requeue) gets the signal once the run is done."""
+    seen: list[bool] = []
+    results_file = tmp_path / "run" / "results.json"
+    previous = signal.signal(signal.SIGUSR2, lambda signum, frame: seen.append(results_file.is_file()))
+    original = Trainer._after_step
+
+    def after_step(self: Trainer, bar: Any) -> None:
+        original(self, bar)
+        if self.step == self.cfg.train.steps:  # past the last step's all-reduce
+            os.kill(os.getpid(), signal.SIGUSR2)
+
+    try:
+        Trainer._after_step = after_step  # type: ignore[method-assign]
+        results = Trainer(_vision_cfg(tmp_path / "run")).fit()
+    finally:
+        Trainer._after_step = original  # type: ignore[method-assign]
+        signal.signal(signal.SIGUSR2, previous)
+    assert results["steps"] == 6 and "preempted_at_step" not in results
+    assert seen == [True]  # once, after results.json was written
+
+
 def test_save_every_minutes_saves_between_periodic_checkpoints(tmp_path, monkeypatch) -> None:
     import dinov.preemption as preemption
 
@@ -336,6 +360,12 @@ def test_a_2x2_sweep_runs_locally_and_the_collector_averages_its_seeds(tmp_path,
     assert csv_lines[0] == ("group,optim.lr,crops.local_crops_number,n,done,final_loss_mean,"
                             "final_loss_std,first_logged_loss_mean,first_logged_loss_std")
     assert len(csv_lines) == 5
+    # the sweep moved elsewhere and collected from another directory: the same table
+    moved = tmp_path / "moved"
+    shutil.copytree(root, moved)
+    shutil.rmtree(root)
+    capsys.readouterr()
+    assert collect.main([str(moved), "--metrics", "final_loss,first_logged_loss"]) == rows
 
 
 def test_sweep_grid_files_are_checked(tmp_path, capsys) -> None:
@@ -350,6 +380,13 @@ def test_sweep_grid_files_are_checked(tmp_path, capsys) -> None:
     with pytest.raises(SystemExit):
         sweep.main([str(bad), "--dry-run"])
     assert "optim.lrr" in capsys.readouterr().err
+    bad.write_text("config: configs/smoke.yaml\noutput_root: x\ngrid: {optim.lr: [0.1]}\n"
+                   "job: {cluster: local}\n")
+    with pytest.raises(SystemExit):
+        sweep.main([str(bad), "--dry-run"])
+    assert "job: 'cluster' is not a job option" in capsys.readouterr().err
+    # grid values become overrides that read back as the same values
+    assert [sweep._override_text(v) for v in (None, True, 0.001, "mask")] == ["null", "true", "0.001", "mask"]
     for name in ("grid_vsmoke.yaml", "grid_dinov3_vitl16.yaml"):  # the shipped grids expand
         sweep.main([str(ROOT / "configs/ablations" / name), "--dry-run"])
         assert "job(s) of python -m designers.train" in capsys.readouterr().out

@@ -40,7 +40,6 @@ from designers.lm.config import LMConfig
 from designers.lm.data import IGNORE_INDEX, PackedStream, label_count, read_corpus, rows_of_rank
 from dinov.checkpoint import (
     atomic_write_text,
-    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -252,8 +251,7 @@ class LMTrainer:
         takes part and all wait until it is in place."""
         if self.sharded:
             save_sharded(self.checkpoint_dir, self.step, self._sharded_tensors(), self._common_state(),
-                         {"rng": rng_state()}, self.env.rank, self.cfg.train.keep_last,
-                         prune_checkpoints)
+                         {"rng": rng_state()}, self.env.rank, self.cfg.train.keep_last)
         else:
             state = self.state_dict()  # a collective (every rank's RNG)
             if self.env.is_main:

@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from dinov.checkpoint import (
     atomic_write_text,
-    prune_checkpoints,
     rng_state,
     save_checkpoint,
     set_rng_state,
@@ -212,7 +211,7 @@ class Trainer:
             path = save_sharded(self.checkpoint_dir, self.step,
                                 sharded_model_and_optimizer(self.model, self.optimizer),
                                 self._common_state(), self._rank_state(), self.env.rank,
-                                self.cfg.train.keep_last, prune_checkpoints)
+                                self.cfg.train.keep_last)
         else:
             state = self.state_dict()
             if self.env.is_main:
