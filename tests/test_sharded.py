@@ -116,6 +116,20 @@ def test_a_truncated_shard_falls_back_to_the_previous_checkpoint(tmp_path) -> No
     assert trainer.step == 3
 
 
+def test_a_corrupt_shard_of_the_right_size_falls_back_too(tmp_path) -> None:
+    """DCP's own error (a BaseException) becomes a RuntimeError, so the fallback sees it."""
+    from dinov.runs import newest_readable_checkpoint
+    from dinov.sharded import save_sharded
+
+    for step in (1, 2):
+        save_sharded(tmp_path, step, {"model": {"w": torch.randn(64, 64)}}, {"step": step}, {"rng": step},
+                     rank=0, keep_last=0)
+    shard = tmp_path / "checkpoint_00000002" / "__0_0.distcp"
+    shard.write_bytes(b"\x5a" * shard.stat().st_size)
+    path, state = newest_readable_checkpoint(tmp_path)
+    assert path.name == "checkpoint_00000001" and state["step"] == 1
+
+
 def test_lm_sharded_resume_is_bitwise(tmp_path) -> None:
     from designers.lm.config import LMConfig
     from designers.lm.synthetic import write_default
